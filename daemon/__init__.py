@@ -1,0 +1,1 @@
+"""secretsd: the long-running agent (server, agent state, storage backends)."""

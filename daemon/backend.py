@@ -1,0 +1,92 @@
+"""The storage backend contract that every backend implements.
+
+Like keyring's ``KeyringBackend``, a backend is a small class behind one base;
+one shared test suite (``tests/test_backend_contract.py``) runs against every
+backend. Methods are async: a backend runs its blocking work in worker threads.
+Passphrase methods exist only for backends that hold their own key; the others
+inherit the ``NotSupportedError`` answers.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from homeagent_secrets.protocol.errors import NotSupportedError
+from homeagent_secrets.protocol.messages import DescribeResult, SecretResult
+from homeagent_secrets.protocol.secret import Secret
+
+
+class Backend(abc.ABC):
+    """Stores named secrets with one previous value each."""
+
+    #: Short name reported by ``status`` (``file``, ``keychain``, ``openbao``).
+    name: str = "abstract"
+    #: Whether init/unlock/lock/change_passphrase apply to this backend.
+    has_passphrase: bool = False
+    _no_passphrase = "this backend does not use the agent passphrase"
+
+    async def open(self) -> None:
+        """Start-up work (repair, probes); called once before serving."""
+
+    async def close(self) -> None:
+        """Release everything; called once at shutdown."""
+        await self.lock()
+
+    # --- state ------------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        return True
+
+    @property
+    def locked(self) -> bool:
+        return False
+
+    @property
+    def memory_locked(self) -> bool:
+        """Whether key material is held in mlock'ed memory."""
+        return False
+
+    async def count(self) -> int | None:
+        """How many secrets, or None when that cannot be known now (locked)."""
+        return len(await self.list(""))
+
+    # --- passphrase -------------------------------------------------------------
+
+    async def init(self, passphrase: Secret) -> None:
+        raise NotSupportedError(self._no_passphrase)
+
+    async def unlock(self, passphrase: Secret) -> None:
+        raise NotSupportedError(self._no_passphrase)
+
+    async def lock(self) -> None:
+        """Forget key material; a no-op for backends without a passphrase."""
+
+    async def change_passphrase(self, old: Secret, new: Secret) -> None:
+        raise NotSupportedError(self._no_passphrase)
+
+    # --- secrets ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def store(self, name: str, value: Secret, kind: str | None) -> int:
+        """Create or overwrite; the replaced value becomes the previous one. Returns the version."""
+
+    @abc.abstractmethod
+    async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
+        """The current (or previous) value, or None when absent."""
+
+    @abc.abstractmethod
+    async def delete(self, name: str) -> bool:
+        """Remove the secret and its previous value; whether it existed."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str) -> list[str]:
+        """Sorted names starting with ``prefix``."""
+
+    @abc.abstractmethod
+    async def rotate(self, name: str, value: Secret) -> int:
+        """Replace an existing secret keeping the old value as previous; NotFoundError if absent."""
+
+    @abc.abstractmethod
+    async def describe(self, name: str) -> DescribeResult | None:
+        """Metadata without the value, or None when absent."""

@@ -1,0 +1,153 @@
+"""The data key and the wrapped-key file that holds it under the passphrase.
+
+Envelope encryption: a random 256-bit data key encrypts every record; the
+passphrase only wraps it (scrypt -> AES-256-GCM). Changing the passphrase
+rewraps 48 bytes. Layout and parameters: FORMAT.md, "Wrapped-key file".
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from homeagent_secrets.protocol.errors import CorruptRecordError, WrongPassphraseError
+from homeagent_secrets.protocol.secret import Secret
+
+MAGIC: Final = b"HASK"
+FORMAT_VERSION: Final = 1
+DEFAULT_LOG2_N: Final = 17  # N = 2^17: 128 MiB, ~0.3-0.5 s on a small CPU
+DEFAULT_R: Final = 8
+DEFAULT_P: Final = 1
+MIN_LOG2_N: Final = 10
+MAX_LOG2_N: Final = 22  # refuse headers that would ask for 4 GiB+ of scrypt memory
+KEY_BYTES: Final = 32
+SALT_BYTES: Final = 16
+NONCE_BYTES: Final = 12
+
+_HEADER = struct.Struct(">4sBBBB16s")  # magic, version, log2 N, r, p, salt
+FILE_SIZE: Final = _HEADER.size + NONCE_BYTES + KEY_BYTES + 16  # 84 bytes
+
+_RECORD_KEY_INFO: Final = b"homeagent-secrets v1 record encryption"
+_NAME_KEY_INFO: Final = b"homeagent-secrets v1 name hashing"
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    log2_n: int = DEFAULT_LOG2_N
+    r: int = DEFAULT_R
+    p: int = DEFAULT_P
+
+    def check(self) -> None:
+        """Refuse parameters outside what this agent agrees to compute."""
+        if not MIN_LOG2_N <= self.log2_n <= MAX_LOG2_N:
+            raise CorruptRecordError(
+                f"scrypt N=2^{self.log2_n} is outside 2^{MIN_LOG2_N}..2^{MAX_LOG2_N}: "
+                "the wrapped-key file is damaged or not ours"
+            )
+        if not (1 <= self.r <= 32 and 1 <= self.p <= 16):
+            raise CorruptRecordError(
+                f"scrypt r={self.r} p={self.p} out of range: the wrapped-key file is damaged"
+            )
+
+
+def _derive_kek(passphrase: Secret, salt: bytes, params: KdfParams) -> bytearray:
+    kdf = Scrypt(salt=salt, length=KEY_BYTES, n=1 << params.log2_n, r=params.r, p=params.p)
+    return bytearray(kdf.derive(passphrase.reveal().encode("utf-8")))
+
+
+def _wipe(buf: bytearray) -> None:
+    buf[:] = bytes(len(buf))
+
+
+def wrap(data_key: bytearray, passphrase: Secret, params: KdfParams) -> bytes:
+    """The wrapped-key file's bytes for ``data_key`` under ``passphrase``."""
+    params.check()
+    salt = os.urandom(SALT_BYTES)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, params.log2_n, params.r, params.p, salt)
+    kek = _derive_kek(passphrase, salt, params)
+    try:
+        nonce = os.urandom(NONCE_BYTES)
+        return header + nonce + AESGCM(kek).encrypt(nonce, bytes(data_key), header)
+    finally:
+        _wipe(kek)
+
+
+def read_params(blob: bytes) -> KdfParams:
+    """The KDF parameters in a wrapped-key file, checked before any work is done."""
+    if len(blob) != FILE_SIZE or blob[:4] != MAGIC:
+        raise CorruptRecordError(
+            f"the wrapped-key file is {len(blob)} bytes or lacks its magic: damaged or not ours"
+        )
+    magic, version, log2_n, r, p, _salt = _HEADER.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise CorruptRecordError(
+            f"the wrapped-key file has format version {version}; this agent reads {FORMAT_VERSION}"
+        )
+    params = KdfParams(log2_n, r, p)
+    params.check()
+    return params
+
+
+def unwrap(blob: bytes, passphrase: Secret) -> bytearray:
+    """The data key from a wrapped-key file; WrongPassphraseError if it does not open."""
+    params = read_params(blob)
+    header = blob[: _HEADER.size]
+    salt = header[-SALT_BYTES:]
+    nonce = blob[_HEADER.size : _HEADER.size + NONCE_BYTES]
+    kek = _derive_kek(passphrase, salt, params)
+    try:
+        return bytearray(AESGCM(kek).decrypt(nonce, blob[_HEADER.size + NONCE_BYTES :], header))
+    except InvalidTag:
+        raise WrongPassphraseError() from None
+    finally:
+        _wipe(kek)
+
+
+class DataKey:
+    """The unwrapped data key and the two subkeys derived from it.
+
+    Held in bytearrays that ``wipe`` zeroes. The AES-GCM context and the HMAC
+    state keep their own copies inside OpenSSL/Rust that Python cannot reach;
+    they are dropped with this object (FORMAT.md, "Key hygiene").
+    """
+
+    __slots__ = ("key", "record_key", "name_key", "aead")
+
+    def __init__(self, key: bytearray) -> None:
+        if len(key) != KEY_BYTES:
+            raise CorruptRecordError("the data key has the wrong length: the store is damaged")
+        self.key = key
+        self.record_key = bytearray(self._subkey(_RECORD_KEY_INFO))
+        self.name_key = bytearray(self._subkey(_NAME_KEY_INFO))
+        self.aead: AESGCM | None = AESGCM(self.record_key)
+
+    @classmethod
+    def generate(cls) -> DataKey:
+        return cls(bytearray(os.urandom(KEY_BYTES)))
+
+    def _subkey(self, info: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(
+            bytes(self.key)
+        )
+
+    def file_id(self, name: str) -> str:
+        """The record file's stem for ``name``: HMAC-SHA256 under the name key, hex."""
+        return hmac.new(self.name_key, name.encode("utf-8"), "sha256").hexdigest()
+
+    def wipe(self) -> None:
+        """Overwrite every key buffer with zeros and drop the cipher context."""
+        for buf in (self.key, self.record_key, self.name_key):
+            _wipe(buf)
+        self.aead = None
+
+    def __repr__(self) -> str:
+        return "DataKey(<redacted>)"

@@ -1,0 +1,359 @@
+"""The encrypted-file backend: one AES-256-GCM record per secret under <home>/secrets.
+
+Neither names nor values are readable on disk: a record's file name is a keyed
+hash of the secret name and the name lives inside the record. After unlock an
+index of name -> metadata is built by decrypting metadata sections only; small
+records also keep their ciphertext in memory so ``retrieve`` needs no disk
+read and no worker thread (plaintext is never cached).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.to_thread
+
+from homeagent_secrets.protocol.errors import (
+    AlreadyInitializedError,
+    CorruptRecordError,
+    LockedError,
+    NotFoundError,
+    NotInitializedError,
+)
+from homeagent_secrets.protocol.messages import DescribeResult, SecretResult
+from homeagent_secrets.protocol.names import DEFAULT_KIND
+from homeagent_secrets.protocol.secret import Secret
+
+from . import atomicfile, datakey, records
+from .backend import Backend
+from .datakey import DataKey, KdfParams
+from .records import Meta, Values
+
+log = logging.getLogger(__name__)
+
+WRAPPED_KEY_FILE: Final = "wrapped-key"
+CACHE_RECORD_LIMIT: Final = 16 * 1024  # records up to this size keep their ciphertext in memory
+CACHE_BUDGET: Final = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    file_id: str
+    version: int
+    meta: Meta
+    blob: bytes | None  # the record's bytes when cached
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` 0700, or tighten it (with a warning) when found looser."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("directory %s had mode %o; tightened to 0700", path, mode)
+        path.chmod(0o700)
+
+
+class FileBackend(Backend):
+    """AES-256-GCM records in files, under a data key wrapped by the passphrase."""
+
+    name = "file"
+    has_passphrase = True
+
+    def __init__(
+        self,
+        home: Path,
+        kdf: KdfParams | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.home = home
+        self.dir = home / "secrets"
+        self.kdf = kdf or KdfParams()
+        self._clock = clock
+        self._key: DataKey | None = None
+        self._index: dict[str, _Entry] = {}
+        self._cached_bytes = 0
+        self._generation = 0  # bumped by lock: a write finishing afterwards must not repopulate
+        self._name_locks: dict[str, anyio.Lock] = {}
+        self._state_lock = anyio.Lock()
+        self._initialized = False
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._open_sync)
+
+    def _open_sync(self) -> None:
+        ensure_private_dir(self.home)
+        ensure_private_dir(self.dir)
+        removed = atomicfile.remove_stale_temps(self.dir)
+        if removed:
+            log.warning("removed %d temp file(s) left by an interrupted write", removed)
+        self._initialized = (self.dir / WRAPPED_KEY_FILE).exists()
+
+    @property
+    def initialized(self) -> bool:
+        return self._initialized
+
+    @property
+    def locked(self) -> bool:
+        return self._key is None
+
+    async def count(self) -> int | None:
+        return None if self._key is None else len(self._index)
+
+    # --- passphrase -------------------------------------------------------------
+
+    def _read_wrapped(self) -> bytes:
+        try:
+            return (self.dir / WRAPPED_KEY_FILE).read_bytes()
+        except FileNotFoundError:
+            raise NotInitializedError() from None
+        except OSError as exc:
+            raise atomicfile.describe_os_error(exc, "read the wrapped-key file") from None
+
+    async def init(self, passphrase: Secret) -> None:
+        async with self._state_lock:
+            if self._initialized or (self.dir / WRAPPED_KEY_FILE).exists():
+                self._initialized = True
+                raise AlreadyInitializedError()
+            key = DataKey.generate()
+            blob = await anyio.to_thread.run_sync(datakey.wrap, key.key, passphrase, self.kdf)
+            await anyio.to_thread.run_sync(
+                atomicfile.replace, self.dir, WRAPPED_KEY_FILE, blob, "write the wrapped-key file"
+            )
+            self._initialized = True
+            self._install(key, {}, 0)
+
+    async def unlock(self, passphrase: Secret) -> None:
+        async with self._state_lock:
+            blob = await anyio.to_thread.run_sync(self._read_wrapped)
+            raw = await anyio.to_thread.run_sync(datakey.unwrap, blob, passphrase)
+            if self._key is not None:
+                datakey._wipe(raw)  # already unlocked: the passphrase was only checked
+                return
+            key = DataKey(raw)
+            index, cached = await anyio.to_thread.run_sync(self._load_index, key)
+            self._install(key, index, cached)
+            log.info("unlocked: %d secret(s) indexed", len(index))
+
+    def _install(self, key: DataKey, index: dict[str, _Entry], cached: int) -> None:
+        self._key, self._index, self._cached_bytes = key, index, cached
+
+    async def lock(self) -> None:
+        key, self._key = self._key, None
+        self._generation += 1
+        self._index = {}
+        self._cached_bytes = 0
+        if key is not None:
+            key.wipe()
+
+    async def change_passphrase(self, old: Secret, new: Secret) -> None:
+        async with self._state_lock:
+            blob = await anyio.to_thread.run_sync(self._read_wrapped)
+            raw = await anyio.to_thread.run_sync(datakey.unwrap, blob, old)
+            try:
+                # Keep the KDF cost the store was made with unless --scrypt-n raised it.
+                params = datakey.read_params(blob)
+                if self.kdf.log2_n > params.log2_n:
+                    params = self.kdf
+                new_blob = await anyio.to_thread.run_sync(datakey.wrap, raw, new, params)
+            finally:
+                datakey._wipe(raw)
+            await anyio.to_thread.run_sync(
+                atomicfile.replace, self.dir, WRAPPED_KEY_FILE, new_blob, "write the wrapped-key file"
+            )
+
+    @property
+    def data_key_buffer(self) -> bytearray | None:
+        """The live data-key buffer (for tests that check wiping)."""
+        return None if self._key is None else self._key.key
+
+    # --- index ------------------------------------------------------------------
+
+    def _load_index(self, key: DataKey) -> tuple[dict[str, _Entry], int]:
+        assert key.aead is not None
+        index: dict[str, _Entry] = {}
+        cached = 0
+        corrupt = 0
+        for dirent in os.scandir(self.dir):
+            stem, dot, ext = dirent.name.partition(".")
+            if "." + ext != records.SUFFIX or len(stem) != 64:
+                continue
+            try:
+                mode = stat.S_IMODE(dirent.stat(follow_symlinks=False).st_mode)
+                if mode & 0o077:
+                    log.warning("record %s had mode %o; tightened to 0600", dirent.name, mode)
+                    os.chmod(dirent.path, 0o600)
+                with open(dirent.path, "rb") as f:
+                    blob = f.read()
+                version, meta = records.open_meta(key.aead, blob, stem)
+                if key.file_id(meta.name) != stem:
+                    raise CorruptRecordError(f"record {dirent.name} does not belong to its name")
+            except CorruptRecordError as exc:
+                corrupt += 1
+                log.error("%s", exc)
+                continue
+            except OSError as exc:
+                corrupt += 1
+                log.error("cannot read record %s: %s", dirent.name, exc.strerror)
+                continue
+            keep = len(blob) <= CACHE_RECORD_LIMIT and cached + len(blob) <= CACHE_BUDGET
+            cached += len(blob) if keep else 0
+            index[meta.name] = _Entry(stem, version, meta, blob if keep else None)
+        if corrupt:
+            log.error("%d record(s) could not be read; the others are served", corrupt)
+        return index, cached
+
+    def _require_key(self) -> DataKey:
+        key = self._key
+        if key is None:
+            if not self._initialized:
+                raise NotInitializedError()
+            raise LockedError()
+        return key
+
+    def _read_record(self, entry: _Entry) -> bytes:
+        try:
+            with open(self.dir / (entry.file_id + records.SUFFIX), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise CorruptRecordError(
+                f"record {entry.file_id}{records.SUFFIX} vanished from {self.dir}; "
+                "restore it from a backup or delete the name"
+            ) from None
+        except OSError as exc:
+            raise atomicfile.describe_os_error(exc, "read a record") from None
+
+    async def _values(self, key: DataKey, entry: _Entry) -> Values:
+        blob = entry.blob
+        if blob is None:
+            blob = await anyio.to_thread.run_sync(self._read_record, entry)
+        if key.aead is None:
+            raise LockedError()
+        return records.open_values(key.aead, blob, entry.file_id, entry.version)
+
+    # --- secrets ----------------------------------------------------------------
+
+    async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
+        key = self._require_key()
+        entry = self._index.get(name)
+        if entry is None:
+            return None
+        values = await self._values(key, entry)
+        if not previous:
+            return SecretResult(name, Secret(values.current), entry.version)
+        if values.previous is None:
+            return None
+        return SecretResult(name, Secret(values.previous), entry.meta.previous_version)
+
+    async def describe(self, name: str) -> DescribeResult | None:
+        self._require_key()
+        entry = self._index.get(name)
+        if entry is None:
+            return None
+        m = entry.meta
+        return DescribeResult(
+            name, m.kind, entry.version, m.created, m.updated, m.previous_version > 0  # type: ignore[arg-type]
+        )
+
+    async def list(self, prefix: str) -> list[str]:
+        self._require_key()
+        return sorted(n for n in self._index if n.startswith(prefix))
+
+    async def store(self, name: str, value: Secret, kind: str | None) -> int:
+        return await self._write(name, value, kind, must_exist=False)
+
+    async def rotate(self, name: str, value: Secret) -> int:
+        return await self._write(name, value, None, must_exist=True)
+
+    def _name_lock(self, name: str) -> anyio.Lock:
+        lock = self._name_locks.get(name)
+        if lock is None:
+            lock = self._name_locks[name] = anyio.Lock()
+        return lock
+
+    def _release_name_lock(self, name: str, lock: anyio.Lock) -> None:
+        if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            self._name_locks.pop(name, None)
+
+    async def _write(self, name: str, value: Secret, kind: str | None, must_exist: bool) -> int:
+        key = self._require_key()
+        generation = self._generation
+        lock = self._name_lock(name)
+        try:
+            async with lock:
+                old = self._index.get(name)
+                if old is None and must_exist:
+                    raise NotFoundError(f"no secret named {name!r} to rotate: store it first")
+                now = self._clock()
+                if old is None:
+                    version = 1
+                    meta = Meta(name, kind or DEFAULT_KIND, now, now, 0)
+                    values = Values(value.reveal(), None)
+                else:
+                    version = old.version + 1
+                    current = (await self._values(key, old)).current
+                    meta = Meta(name, kind or old.meta.kind, old.meta.created, now, old.version)
+                    values = Values(value.reveal(), current)
+                if key.aead is None or generation != self._generation:
+                    raise LockedError()
+                file_id = old.file_id if old else key.file_id(name)
+                blob = records.seal(key.aead, file_id, version, meta, values)
+                try:
+                    await anyio.to_thread.run_sync(
+                        atomicfile.replace, self.dir, file_id + records.SUFFIX, blob,
+                        f"write secret {name!r}",
+                    )
+                except atomicfile.NotSyncedError:
+                    self._put(generation, name, _Entry(file_id, version, meta, None))
+                    raise
+                self._put(generation, name, _Entry(file_id, version, meta, self._maybe_cache(blob, old)))
+                return version
+        finally:
+            self._release_name_lock(name, lock)
+
+    def _maybe_cache(self, blob: bytes, old: _Entry | None) -> bytes | None:
+        freed = len(old.blob) if old and old.blob else 0
+        if len(blob) <= CACHE_RECORD_LIMIT and self._cached_bytes - freed + len(blob) <= CACHE_BUDGET:
+            return blob
+        return None
+
+    def _put(self, generation: int, name: str, entry: _Entry | None) -> None:
+        if generation != self._generation:
+            return  # locked meanwhile: the file is written, the index is gone
+        old = self._index.pop(name, None)
+        if old and old.blob:
+            self._cached_bytes -= len(old.blob)
+        if entry is not None:
+            self._index[name] = entry
+            if entry.blob:
+                self._cached_bytes += len(entry.blob)
+
+    async def delete(self, name: str) -> bool:
+        self._require_key()
+        generation = self._generation
+        lock = self._name_lock(name)
+        try:
+            async with lock:
+                entry = self._index.get(name)
+                if entry is None:
+                    return False
+                try:
+                    await anyio.to_thread.run_sync(
+                        atomicfile.remove, self.dir, entry.file_id + records.SUFFIX,
+                        f"delete secret {name!r}",
+                    )
+                finally:
+                    if not (self.dir / (entry.file_id + records.SUFFIX)).exists():
+                        self._put(generation, name, None)
+                return True
+        finally:
+            self._release_name_lock(name, lock)

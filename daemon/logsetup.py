@@ -1,0 +1,76 @@
+"""stdlib logging to stderr, as text or JSON lines, with a redaction filter.
+
+Secrets are a redacted type, so they cannot reach a log line by accident; the
+filter is the second wall: any field or mapping key named like a secret is
+replaced before formatting, whatever its type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+REDACTED: Final = "<redacted>"
+SENSITIVE: Final = re.compile(r"(?i)^(value|values|passphrase|password|old|new|token|secret|secret_id|current|previous)$")
+_INLINE: Final = re.compile(
+    r'(?i)("?(?:value|passphrase|password|old|new|token|secret)"?\s*[:=]\s*)("(?:[^"\\]|\\.)*"|\'[^\']*\'|[^\s,}]+)'
+)
+_STD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def _scrub(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: (REDACTED if isinstance(k, str) and SENSITIVE.match(k) else _scrub(v)) for k, v in obj.items()}
+    return obj
+
+
+class RedactFilter(logging.Filter):
+    """Replace values of sensitive-named fields in ``extra`` and in mapping args."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key in record.__dict__.keys() - _STD_ATTRS:
+            if SENSITIVE.match(key):
+                record.__dict__[key] = REDACTED
+        if isinstance(record.args, Mapping):
+            record.args = _scrub(record.args)
+        elif isinstance(record.args, tuple):
+            record.args = tuple(_scrub(a) for a in record.args)
+        if isinstance(record.msg, str) and _INLINE.search(record.msg):
+            record.msg = _INLINE.sub(lambda m: m.group(1) + REDACTED, record.msg)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in record.__dict__.keys() - _STD_ATTRS:
+            doc[key] = record.__dict__[key]
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=repr)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Configure the root logger: stderr, redacted, text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,244 @@
+"""The anyio server: connections, framing, dispatch, limits and draining.
+
+Bytes arrive on a connection, the sans-I/O protocol turns them into requests,
+the agent answers them. Reads are answered inline in arrival order, and all
+answers produced by one received chunk go out in one send; writes (and
+anything that may block) run as tasks of the connection, so a slow fsync never
+holds the retrieves behind it and answers may come back out of order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute, TaskStatus
+
+from homeagent_secrets.protocol.errors import (
+    FrameTooLarge,
+    InternalError,
+    SecretsError,
+    TooManyConnectionsError,
+)
+from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME, FrameSplitter
+from homeagent_secrets.protocol.messages import METHODS
+from homeagent_secrets.protocol.rpc import (
+    Batch,
+    Rejected,
+    Request,
+    decode_params,
+    encode_batch,
+    encode_error,
+    encode_result,
+    parse_message,
+)
+
+from .agent import Agent
+
+log = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass
+class ServerLimits:
+    max_frame: int = DEFAULT_MAX_FRAME
+    idle_timeout: float = 30.0
+    max_connections: int = 256
+    max_inflight_per_connection: int = 64
+    drain_timeout: float = 5.0
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def _is_write(msg: Request | Rejected) -> bool:
+    if isinstance(msg, Rejected):
+        return False
+    m = METHODS.get(msg.method)
+    return m is not None and m.writes
+
+
+class Server:
+    """Serves the agent on a listening Unix socket."""
+
+    def __init__(self, agent: Agent, sock: socket.socket, limits: ServerLimits | None = None) -> None:
+        self.agent = agent
+        self.sock = sock
+        self.limits = limits or ServerLimits()
+        self.uid = os.getuid()
+        self.connections = 0
+        self._inflight = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._accept_scope: anyio.CancelScope | None = None
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Accept until ``stop_accepting``; connections live in ``conn_group``."""
+        listener = await anyio.abc.SocketListener.from_socket(self.sock)
+        async with anyio.create_task_group() as conns:
+            with anyio.CancelScope() as self._accept_scope:
+                task_status.started()
+                async with listener:
+                    while True:
+                        stream = await listener.accept()
+                        conns.start_soon(self._handle, stream)
+            # Accepting stopped: give requests in flight a deadline, then cancel the rest.
+            with anyio.move_on_after(self.limits.drain_timeout):
+                await self._idle.wait()
+            conns.cancel_scope.cancel()
+
+    def stop_accepting(self) -> None:
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+
+    # --- one connection -------------------------------------------------------
+
+    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            raw = stream.extra(SocketAttribute.raw_socket)
+            try:
+                pid, uid, _gid = peer_credentials(raw)
+            except OSError:
+                return
+            if uid != self.uid and uid != 0:
+                log.warning("refused connection from uid %d (pid %d): not the agent's user", uid, pid)
+                return
+            if self.connections >= self.limits.max_connections:
+                log.warning(
+                    "refused connection from pid %d: %d connections open (limit %d)",
+                    pid, self.connections, self.limits.max_connections,
+                )
+                out = bytearray()
+                encode_error(None, TooManyConnectionsError(
+                    f"the agent has {self.connections} connections open (limit "
+                    f"{self.limits.max_connections}); close idle clients and retry"), out)
+                with anyio.move_on_after(1):
+                    await stream.send(bytes(out))
+                return
+            self.connections += 1
+            try:
+                await _Connection(self, stream).run()
+            finally:
+                self.connections -= 1
+
+    # --- dispatch -----------------------------------------------------------------
+
+    async def answer(self, msg: Request | Rejected, out: bytearray) -> None:
+        """Run one request and append its response (if any) to ``out``."""
+        if isinstance(msg, Rejected):
+            encode_error(msg.id, msg.error, out)
+            return
+        self._inflight += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        try:
+            method, params = decode_params(msg)
+            result: Any = await self.agent.call(method.name, params)
+        except SecretsError as exc:
+            if not msg.is_notification:
+                encode_error(msg.id, exc, out)  # type: ignore[arg-type]
+            return
+        except Exception:
+            log.exception("internal error while answering %s", msg.method[:64])
+            if not msg.is_notification:
+                encode_error(msg.id, InternalError(), out)  # type: ignore[arg-type]
+            return
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+        if not msg.is_notification:
+            encode_result(msg.id, result, out)  # type: ignore[arg-type]
+
+    async def answer_batch(self, batch: Batch, out: bytearray) -> None:
+        parts: list[bytes] = []
+        for item in batch.items:
+            one = bytearray()
+            await self.answer(item, one)
+            if one:
+                parts.append(bytes(one))
+        if parts:
+            encode_batch(parts, out)
+
+
+class _Connection:
+    def __init__(self, server: Server, stream: anyio.abc.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.splitter = FrameSplitter(server.limits.max_frame)
+        self.send_lock = anyio.Lock()
+        self.tasks = 0
+        self.limiter = anyio.CapacityLimiter(server.limits.max_inflight_per_connection)
+
+    async def send(self, data: bytes | bytearray) -> None:
+        async with self.send_lock:
+            try:
+                await self.stream.send(bytes(data))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the client went away; its writes still completed
+
+    async def _in_task(self, msg: Request | Batch) -> None:
+        async with self.limiter:
+            out = bytearray()
+            try:
+                if isinstance(msg, Batch):
+                    await self.server.answer_batch(msg, out)
+                else:
+                    await self.server.answer(msg, out)
+            finally:
+                self.tasks -= 1
+            if out:
+                await self.send(out)
+
+    async def run(self) -> None:
+        limits = self.server.limits
+        async with anyio.create_task_group() as tg:
+            while True:
+                data = None
+                with anyio.move_on_after(limits.idle_timeout):
+                    try:
+                        data = await self.stream.receive(65536)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        break
+                if data is None:
+                    if self.tasks == 0 or self.splitter.pending:
+                        log.info(
+                            "closing a connection idle for %.0f s%s", limits.idle_timeout,
+                            " with half a message" if self.splitter.pending else "",
+                        )
+                        break
+                    continue
+                out = bytearray()
+                for line in self.splitter.feed(data):
+                    msg = parse_message(line)
+                    if isinstance(msg, Batch):
+                        if any(_is_write(i) for i in msg.items):
+                            self.tasks += 1
+                            tg.start_soon(self._in_task, msg)
+                        else:
+                            await self.server.answer_batch(msg, out)
+                    elif _is_write(msg):
+                        self.tasks += 1
+                        tg.start_soon(self._in_task, msg)
+                    else:
+                        await self.server.answer(msg, out)  # type: ignore[arg-type]
+                if self.splitter.oversize:
+                    encode_error(None, FrameTooLarge(
+                        f"invalid request: a message exceeded the {limits.max_frame}-byte "
+                        "frame limit; the connection is closed"), out)
+                    await self.send(out)
+                    break
+                if out:
+                    await self.send(out)

@@ -1,0 +1,56 @@
+"""Newline-delimited framing: one JSON-RPC message (or batch) per line.
+
+Like h11's ``max_incomplete_event_size``, the splitter never buffers more than
+``max_size`` bytes of one message: an oversize frame is reported, not stored.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+DEFAULT_MAX_FRAME: Final = 1 << 20  # 1 MiB
+
+
+class FrameSplitter:
+    """Incremental splitter: ``feed(bytes)`` returns the complete lines seen so far.
+
+    After a line longer than ``max_size`` (without its newline) ``oversize``
+    becomes true, the lines before it are still returned, and every later
+    ``feed`` returns nothing: the peer is out of step and must be disconnected.
+    """
+
+    __slots__ = ("max_size", "_partial", "oversize")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_size = max_size
+        self._partial = bytearray()
+        self.oversize = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete message held (0 between messages)."""
+        return len(self._partial)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return each complete non-blank line, without its newline."""
+        if self.oversize:
+            return []
+        if self._partial:
+            self._partial += data
+            data = bytes(self._partial)
+            self._partial.clear()
+        *lines, rest = data.split(b"\n")
+        frames: list[bytes] = []
+        for line in lines:
+            if len(line) > self.max_size:
+                self.oversize = True
+                return frames
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.strip():
+                frames.append(line)
+        if len(rest) > self.max_size:
+            self.oversize = True
+        elif rest:
+            self._partial += rest
+        return frames
