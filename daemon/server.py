@@ -14,32 +14,18 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
-from homeagent_secrets.protocol.errors import (
-    FrameTooLarge,
-    InternalError,
-    SecretsError,
-    TooManyConnectionsError,
-)
+from homeagent_secrets.protocol.errors import FrameTooLarge, TooManyConnectionsError
 from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME, FrameSplitter
 from homeagent_secrets.protocol.messages import METHODS
-from homeagent_secrets.protocol.rpc import (
-    Batch,
-    Rejected,
-    Request,
-    decode_params,
-    encode_batch,
-    encode_error,
-    encode_result,
-    parse_message,
-)
+from homeagent_secrets.protocol.rpc import Batch, Rejected, Request, encode_error, parse_message
 
 from .agent import Agent
+from .dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +62,9 @@ class Server:
         self.agent = agent
         self.sock = sock
         self.limits = limits or ServerLimits()
+        self.dispatcher = Dispatcher(agent)
         self.uid = os.getuid()
         self.connections = 0
-        self._inflight = 0
-        self._idle = anyio.Event()
-        self._idle.set()
         self._accept_scope: anyio.CancelScope | None = None
 
     # --- lifecycle --------------------------------------------------------------
@@ -97,7 +81,7 @@ class Server:
                         conns.start_soon(self._handle, stream)
             # Accepting stopped: give requests in flight a deadline, then cancel the rest.
             with anyio.move_on_after(self.limits.drain_timeout):
-                await self._idle.wait()
+                await self.dispatcher.wait_idle()
             conns.cancel_scope.cancel()
 
     def stop_accepting(self) -> None:
@@ -134,44 +118,6 @@ class Server:
             finally:
                 self.connections -= 1
 
-    # --- dispatch -----------------------------------------------------------------
-
-    async def answer(self, msg: Request | Rejected, out: bytearray) -> None:
-        """Run one request and append its response (if any) to ``out``."""
-        if isinstance(msg, Rejected):
-            encode_error(msg.id, msg.error, out)
-            return
-        self._inflight += 1
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        try:
-            method, params = decode_params(msg)
-            result: Any = await self.agent.call(method.name, params)
-        except SecretsError as exc:
-            if not msg.is_notification:
-                encode_error(msg.id, exc, out)  # type: ignore[arg-type]
-            return
-        except Exception:
-            log.exception("internal error while answering %s", msg.method[:64])
-            if not msg.is_notification:
-                encode_error(msg.id, InternalError(), out)  # type: ignore[arg-type]
-            return
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
-        if not msg.is_notification:
-            encode_result(msg.id, result, out)  # type: ignore[arg-type]
-
-    async def answer_batch(self, batch: Batch, out: bytearray) -> None:
-        parts: list[bytes] = []
-        for item in batch.items:
-            one = bytearray()
-            await self.answer(item, one)
-            if one:
-                parts.append(bytes(one))
-        if parts:
-            encode_batch(parts, out)
-
 
 class _Connection:
     def __init__(self, server: Server, stream: anyio.abc.SocketStream) -> None:
@@ -194,9 +140,9 @@ class _Connection:
             out = bytearray()
             try:
                 if isinstance(msg, Batch):
-                    await self.server.answer_batch(msg, out)
+                    await self.server.dispatcher.answer_batch(msg, out)
                 else:
-                    await self.server.answer(msg, out)
+                    await self.server.dispatcher.answer(msg, out)
             finally:
                 self.tasks -= 1
             if out:
@@ -228,12 +174,12 @@ class _Connection:
                             self.tasks += 1
                             tg.start_soon(self._in_task, msg)
                         else:
-                            await self.server.answer_batch(msg, out)
+                            await self.server.dispatcher.answer_batch(msg, out)
                     elif _is_write(msg):
                         self.tasks += 1
                         tg.start_soon(self._in_task, msg)
                     else:
-                        await self.server.answer(msg, out)  # type: ignore[arg-type]
+                        await self.server.dispatcher.answer(msg, out)  # type: ignore[arg-type]
                 if self.splitter.oversize:
                     encode_error(None, FrameTooLarge(
                         f"invalid request: a message exceeded the {limits.max_frame}-byte "

@@ -1,0 +1,155 @@
+"""Shared fixtures: a real secretsd subprocess, short socket paths, real-component gates."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REQUIRE_REAL = os.environ.get("HOMEAGENT_REQUIRE_REAL") == "1"
+TEST_SCRYPT_N = 1024  # the rest of the suite runs scrypt cheaply; one test pins the defaults
+
+
+def require_real(available: bool, what: str) -> None:
+    """Skip when a real component is missing, or fail under HOMEAGENT_REQUIRE_REAL=1."""
+    if available:
+        return
+    if REQUIRE_REAL:
+        pytest.fail(f"HOMEAGENT_REQUIRE_REAL=1 but {what} is not available")
+    pytest.skip(f"{what} is not available")
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    require_real(path is not None, f"the {name} tool")
+    assert path is not None
+    return path
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory: AF_UNIX paths are limited to 108 bytes."""
+    d = tempfile.mkdtemp(prefix="ha-", dir="/tmp")
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:
+    """Poll until something accepts on ``path`` (readiness, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"secretsd exited with {proc.returncode} before listening")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return
+        except OSError:
+            time.sleep(0.01)
+        finally:
+            s.close()
+    raise TimeoutError(f"nothing listened on {path} within {timeout} s")
+
+
+@dataclass
+class Daemon:
+    """A running secretsd subprocess on a temporary home."""
+
+    home: Path
+    socket: Path
+    log: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        cmd = [sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(self.home),
+               "--socket", str(self.socket), "--scrypt-n", str(TEST_SCRYPT_N),
+               "--log-level", "DEBUG", *self.args]
+        env = {**os.environ, **self.env}
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=self._logf, env=env)
+        wait_for_socket(self.socket, self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self._logf.close()
+        return rc
+
+    def restart(self) -> Daemon:
+        self.stop()
+        return self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def ctl(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run secretsctl as a subprocess against this daemon."""
+        return subprocess.run(
+            [sys.executable, "-m", "homeagent_secrets.client.cli", "--socket", str(self.socket), *args],
+            input=input if input is not None else "", capture_output=True, text=True,
+            env={**os.environ, **(env or {})}, timeout=timeout,
+        )
+
+
+@pytest.fixture
+def daemon_factory(short_tmp: Path) -> Iterator[object]:
+    started: list[Daemon] = []
+
+    def make(*args: str, env: dict[str, str] | None = None, name: str = "d") -> Daemon:
+        home = short_tmp / f"{name}-home"
+        d = Daemon(home, short_tmp / f"{name}.sock", short_tmp / f"{name}.log", list(args), env or {})
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> Daemon:  # type: ignore[no-untyped-def]
+    """A fresh, not yet initialized secretsd on the file backend."""
+    return daemon_factory()  # type: ignore[no-any-return]
+
+
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture
+def unlocked(daemon: Daemon) -> Daemon:
+    """A secretsd initialized with PASSPHRASE (and so unlocked)."""
+    from homeagent_secrets.client import SecretsClient
+
+    with SecretsClient(daemon.socket) as c:
+        c.init(PASSPHRASE)
+    return daemon
