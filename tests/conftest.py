@@ -153,3 +153,43 @@ def unlocked(daemon: Daemon) -> Daemon:
     with SecretsClient(daemon.socket) as c:
         c.init(PASSPHRASE)
     return daemon
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[tuple[int, int]]:
+    """(uid, gid) of a fresh system user, removed afterwards (needs root)."""
+    require_real(os.geteuid() == 0 and shutil.which("useradd") is not None, "a second uid (root + useradd)")
+    import pwd
+    import secrets as _secrets
+
+    name = f"hatest{_secrets.token_hex(3)}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    try:
+        pw = pwd.getpwnam(name)
+        yield pw.pw_uid, pw.pw_gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def run_as(uid: int, gid: int, fn, timeout: float = 10.0) -> bytes:  # type: ignore[no-untyped-def]
+    """Run ``fn() -> bytes`` in a forked child with another uid; return what it produced."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to the other user, no exec needed
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            out = fn()
+        except BaseException as exc:  # report, never return into pytest
+            out = f"EXC {type(exc).__name__}: {exc}".encode()
+        os.write(w, out)
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        chunks.append(f.read())
+    os.waitpid(pid, 0)
+    return b"".join(chunks)
