@@ -38,7 +38,7 @@ from homeagent_secrets.protocol.messages import (
 )
 from homeagent_secrets.protocol.secret import Secret
 
-from .backend import Backend
+from .backend import Backend, WouldBlock
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,13 @@ class Agent:
         """Run one method; raises a SecretsError subclass on failure."""
         self.last_used = self._clock()
         return await self._handlers[method](params)
+
+    def call_nowait(self, method: str, params: Params) -> Any:
+        """Answer a read from memory without awaiting, or raise WouldBlock."""
+        if method != "retrieve":
+            raise WouldBlock
+        self.last_used = self._clock()
+        return self.backend.retrieve_nowait(params.name, params.version == "previous")  # type: ignore[attr-defined]
 
     def _check_value(self, value: Secret) -> None:
         size = len(value.reveal().encode("utf-8", "surrogatepass"))

@@ -16,6 +16,10 @@ from homeagent_secrets.protocol.messages import DescribeResult, SecretResult
 from homeagent_secrets.protocol.secret import Secret
 
 
+class WouldBlock(Exception):
+    """Raised by a ``*_nowait`` method that cannot answer without awaiting."""
+
+
 class Backend(abc.ABC):
     """Stores named secrets with one previous value each."""
 
@@ -74,6 +78,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
         """The current (or previous) value, or None when absent."""
+
+    def retrieve_nowait(self, name: str, previous: bool = False) -> SecretResult | None:
+        """``retrieve`` answered from memory without a coroutine, or WouldBlock.
+
+        The hot path: a backend that keeps what it needs in memory answers here
+        and saves the daemon several coroutine hops per request.
+        """
+        raise WouldBlock
 
     @abc.abstractmethod
     async def delete(self, name: str) -> bool:

@@ -23,6 +23,7 @@ from homeagent_secrets.protocol.rpc import (
 )
 
 from .agent import Agent
+from .backend import WouldBlock
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,10 @@ class Dispatcher:
         self._inflight += 1
         try:
             method, params = decode_params(msg)
-            result: Any = await self.agent.call(method.name, params)
+            try:
+                result: Any = self.agent.call_nowait(method.name, params)
+            except WouldBlock:
+                result = await self.agent.call(method.name, params)
         except SecretsError as exc:
             if not msg.is_notification:
                 encode_error(msg.id, exc, out)  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ from homeagent_secrets.protocol.names import DEFAULT_KIND
 from homeagent_secrets.protocol.secret import Secret
 
 from . import atomicfile, datakey, records
-from .backend import Backend
+from .backend import Backend, WouldBlock
 from .datakey import DataKey, KdfParams
 from .records import Meta, Values
 
@@ -49,7 +49,11 @@ class _Entry:
     file_id: str
     version: int
     meta: Meta
-    blob: bytes | None  # the record's bytes when cached
+    sealed: records.SealedValues | None  # the values' ciphertext, kept for small records
+
+    @property
+    def cached_bytes(self) -> int:
+        return len(self.sealed.ciphertext) if self.sealed else 0
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -205,9 +209,11 @@ class FileBackend(Backend):
                 corrupt += 1
                 log.error("cannot read record %s: %s", dirent.name, exc.strerror)
                 continue
-            keep = len(blob) <= CACHE_RECORD_LIMIT and cached + len(blob) <= CACHE_BUDGET
-            cached += len(blob) if keep else 0
-            index[meta.name] = _Entry(stem, version, meta, blob if keep else None)
+            sealed = None
+            if len(blob) <= CACHE_RECORD_LIMIT and cached + len(blob) <= CACHE_BUDGET:
+                sealed = records.sealed_values(blob, stem, version)
+                cached += len(sealed.ciphertext)
+            index[meta.name] = _Entry(stem, version, meta, sealed)
         if corrupt:
             log.error("%d record(s) could not be read; the others are served", corrupt)
         return index, cached
@@ -233,21 +239,39 @@ class FileBackend(Backend):
             raise atomicfile.describe_os_error(exc, "read a record") from None
 
     async def _values(self, key: DataKey, entry: _Entry) -> Values:
-        blob = entry.blob
-        if blob is None:
+        sealed = entry.sealed
+        if sealed is None:
             blob = await anyio.to_thread.run_sync(self._read_record, entry)
+            sealed = records.sealed_values(blob, entry.file_id, entry.version)
         if key.aead is None:
             raise LockedError()
-        return records.open_values(key.aead, blob, entry.file_id, entry.version)
+        return records.open_sealed(key.aead, sealed)
 
     # --- secrets ----------------------------------------------------------------
 
-    async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
+    def retrieve_nowait(self, name: str, previous: bool = False) -> SecretResult | None:
         key = self._require_key()
         entry = self._index.get(name)
         if entry is None:
             return None
-        values = await self._values(key, entry)
+        if entry.sealed is None or key.aead is None:
+            raise WouldBlock
+        return self._result(entry, records.open_sealed(key.aead, entry.sealed), previous)
+
+    async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
+        try:
+            return self.retrieve_nowait(name, previous)
+        except WouldBlock:
+            pass
+        key = self._require_key()
+        entry = self._index.get(name)
+        if entry is None:
+            return None
+        return self._result(entry, await self._values(key, entry), previous)
+
+    @staticmethod
+    def _result(entry: _Entry, values: Values, previous: bool) -> SecretResult | None:
+        name = entry.meta.name
         if not previous:
             return SecretResult(name, Secret(values.current), entry.version)
         if values.previous is None:
@@ -315,27 +339,30 @@ class FileBackend(Backend):
                 except atomicfile.NotSyncedError:
                     self._put(generation, name, _Entry(file_id, version, meta, None))
                     raise
-                self._put(generation, name, _Entry(file_id, version, meta, self._maybe_cache(blob, old)))
+                self._put(generation, name, _Entry(
+                    file_id, version, meta, self._maybe_cache(blob, file_id, version, old)
+                ))
                 return version
         finally:
             self._release_name_lock(name, lock)
 
-    def _maybe_cache(self, blob: bytes, old: _Entry | None) -> bytes | None:
-        freed = len(old.blob) if old and old.blob else 0
+    def _maybe_cache(
+        self, blob: bytes, file_id: str, version: int, old: _Entry | None
+    ) -> records.SealedValues | None:
+        freed = old.cached_bytes if old else 0
         if len(blob) <= CACHE_RECORD_LIMIT and self._cached_bytes - freed + len(blob) <= CACHE_BUDGET:
-            return blob
+            return records.sealed_values(blob, file_id, version)
         return None
 
     def _put(self, generation: int, name: str, entry: _Entry | None) -> None:
         if generation != self._generation:
             return  # locked meanwhile: the file is written, the index is gone
         old = self._index.pop(name, None)
-        if old and old.blob:
-            self._cached_bytes -= len(old.blob)
+        if old is not None:
+            self._cached_bytes -= old.cached_bytes
         if entry is not None:
             self._index[name] = entry
-            if entry.blob:
-                self._cached_bytes += len(entry.blob)
+            self._cached_bytes += entry.cached_bytes
 
     async def delete(self, name: str) -> bool:
         self._require_key()

@@ -85,40 +85,70 @@ def read_header(blob: bytes, file_id: str) -> tuple[int, int]:
     return version, meta_len
 
 
-def _open(aead: AESGCM, blob: bytes, start: int, end: int, ad: bytes, file_id: str) -> bytes:
-    try:
-        return aead.decrypt(blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES : end], ad)
-    except InvalidTag:
-        raise CorruptRecordError(
-            f"record {file_id}{SUFFIX} failed authentication (tampered, truncated, copied "
-            "from another name or put back from an older version); restore it or delete it"
-        ) from None
-
-
 def open_meta(aead: AESGCM, blob: bytes, file_id: str) -> tuple[int, Meta]:
     """(record version, metadata), authenticating only the metadata section."""
     version, meta_len = read_header(blob, file_id)
     header = blob[:HEADER_BYTES]
-    pt = _open(aead, blob, HEADER_BYTES, HEADER_BYTES + meta_len,
-               _META_AD + header + file_id.encode("ascii"), file_id)
+    end = HEADER_BYTES + meta_len
+    try:
+        pt = aead.decrypt(blob[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES],
+                          blob[HEADER_BYTES + NONCE_BYTES : end],
+                          _META_AD + header + file_id.encode("ascii"))
+    except InvalidTag:
+        raise CorruptRecordError(
+            f"record {file_id}{SUFFIX} failed authentication of its metadata (tampered, "
+            "truncated or copied from another name); restore it or delete it"
+        ) from None
     try:
         return version, _meta_dec.decode(pt)
     except msgspec.DecodeError:
         raise CorruptRecordError(f"record {file_id}{SUFFIX} has unreadable metadata") from None
 
 
-def open_values(aead: AESGCM, blob: bytes, file_id: str, expect_version: int) -> Values:
-    """The values of a record whose version must be ``expect_version``."""
+class SealedValues(msgspec.Struct, frozen=True):
+    """The values section cut out of a checked record, ready to decrypt.
+
+    What the index keeps in memory for small records: only ciphertext.
+    """
+
+    file_id: str
+    nonce: bytes
+    ciphertext: bytes
+    ad: bytes
+
+
+def sealed_values(blob: bytes, file_id: str, expect_version: int) -> SealedValues:
+    """The values section of a record whose version must be ``expect_version``."""
     version, meta_len = read_header(blob, file_id)
     if version != expect_version:
         raise CorruptRecordError(
             f"record {file_id}{SUFFIX} is at version {version} but the index expects "
             f"{expect_version}: it was replaced behind the agent's back"
         )
-    header = blob[:HEADER_BYTES]
-    pt = _open(aead, blob, HEADER_BYTES + meta_len, len(blob),
-               _VALUE_AD + header + file_id.encode("ascii"), file_id)
+    start = HEADER_BYTES + meta_len
+    return SealedValues(
+        file_id,
+        blob[start : start + NONCE_BYTES],
+        blob[start + NONCE_BYTES :],
+        _VALUE_AD + blob[:HEADER_BYTES] + file_id.encode("ascii"),
+    )
+
+
+def open_sealed(aead: AESGCM, sealed: SealedValues) -> Values:
+    """Decrypt and decode a values section."""
+    try:
+        pt = aead.decrypt(sealed.nonce, sealed.ciphertext, sealed.ad)
+    except InvalidTag:
+        raise CorruptRecordError(
+            f"record {sealed.file_id}{SUFFIX} failed authentication (tampered, truncated, copied "
+            "from another name or put back from an older version); restore it or delete it"
+        ) from None
     try:
         return _values_dec.decode(pt)
     except msgspec.DecodeError:
-        raise CorruptRecordError(f"record {file_id}{SUFFIX} has unreadable values") from None
+        raise CorruptRecordError(f"record {sealed.file_id}{SUFFIX} has unreadable values") from None
+
+
+def open_values(aead: AESGCM, blob: bytes, file_id: str, expect_version: int) -> Values:
+    """The values of a record whose version must be ``expect_version``."""
+    return open_sealed(aead, sealed_values(blob, file_id, expect_version))

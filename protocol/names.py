@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -14,6 +15,7 @@ DEFAULT_KIND: Final = "generic"
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+\Z")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few names are asked for all day
 def name_problem(name: str) -> str | None:
     """Why ``name`` is not a valid secret name, or None when it is."""
     if not 1 <= len(name) <= MAX_NAME_LENGTH:

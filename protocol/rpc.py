@@ -11,7 +11,7 @@ and to recover its ``id``.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Final
+from typing import Any, Final, Union
 
 import msgspec
 
@@ -24,7 +24,7 @@ from .errors import (
     error_for_code,
 )
 from .framing import DEFAULT_MAX_FRAME, FrameSplitter
-from .messages import METHODS, Method, Params
+from .messages import METHODS, ListParams, Method, NoParams, Params
 from .secret import dec_hook, enc_hook
 
 Id = int | str | None
@@ -39,10 +39,10 @@ class _Envelope(msgspec.Struct, frozen=True):
 
 
 class Request(msgspec.Struct, frozen=True):
-    """A well-formed request; ``params`` still raw until ``decode_params``."""
+    """A well-formed request; ``params`` typed already, or raw until ``decode_params``."""
 
     method: str
-    params: msgspec.Raw
+    params: msgspec.Raw | Params
     id: Id | msgspec.UnsetType = msgspec.UNSET
 
     @property
@@ -111,7 +111,35 @@ def _bad_envelope(raw: bytes) -> Rejected:
     return Rejected(id_, InvalidRequest("invalid request: malformed request object"))
 
 
+def _typed_request(m: Method) -> type[msgspec.Struct]:
+    # A request whose "method" tag selects its params type: for a valid
+    # request, envelope and params are decoded in one pass.
+    params_field: tuple[str, Any] | tuple[str, Any, Any]
+    if m.params is NoParams or m.params is ListParams:
+        params_field = ("params", m.params, msgspec.field(default_factory=m.params))
+    else:
+        params_field = ("params", m.params)
+    return msgspec.defstruct(
+        f"_{m.name}_request",
+        [("jsonrpc", str), params_field, ("id", Id | msgspec.UnsetType, msgspec.UNSET)],
+        tag_field="method", tag=m.name, frozen=True, forbid_unknown_fields=True,
+    )
+
+
+_typed_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+    Union[tuple(_typed_request(m) for m in METHODS.values())],  # type: ignore[misc]  # noqa: UP007
+    dec_hook=dec_hook,
+)
+
+
 def _parse_one(raw: bytes) -> Request | Rejected:
+    try:
+        typed = _typed_decoder.decode(raw)
+    except (msgspec.DecodeError, SecretsError, RecursionError):
+        pass  # not a valid request of a known method: the two-step path says why
+    else:
+        if typed.jsonrpc == "2.0":
+            return Request(typed.__struct_config__.tag, typed.params, typed.id)
     try:
         env = _envelope_decoder.decode(raw)
     except RecursionError:
@@ -146,6 +174,8 @@ def decode_params(request: Request) -> tuple[Method, Params]:
     if method is None:
         raise MethodNotFound(f"method not found: {request.method[:64]!r}; see PROTOCOL.md")
     raw = request.params
+    if isinstance(raw, Params):
+        return method, raw
     if len(raw) == 0 or bytes(raw).strip() == b"null":
         raw = msgspec.Raw(b"{}")
     try:

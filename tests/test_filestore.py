@@ -224,7 +224,7 @@ async def test_old_version_put_back_while_running_is_detected(tmp_path: Path) ->
     await b.rotate("r", Secret("v2"))
     path.write_bytes(old)
     entry = b._index["r"]
-    object.__setattr__(entry, "blob", None)  # force a read from disk, as for a large record
+    object.__setattr__(entry, "sealed", None)  # force a read from disk, as for a large record
     with pytest.raises(CorruptRecordError, match="version"):
         await b.retrieve("r")
 
@@ -239,7 +239,7 @@ async def test_stale_temp_files_are_removed_at_open(tmp_path: Path) -> None:
 async def test_large_records_are_read_from_disk(tmp_path: Path) -> None:
     b = await make(tmp_path)
     await b.store("big", Secret("x" * 40000), None)
-    assert b._index["big"].blob is None
+    assert b._index["big"].sealed is None
     got = await b.retrieve("big")
     assert got is not None and len(got.value) == 40000
 
