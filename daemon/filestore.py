@@ -187,33 +187,42 @@ class FileBackend(Backend):
         index: dict[str, _Entry] = {}
         cached = 0
         corrupt = 0
-        for dirent in os.scandir(self.dir):
-            stem, dot, ext = dirent.name.partition(".")
-            if "." + ext != records.SUFFIX or len(stem) != 64:
-                continue
-            try:
-                mode = stat.S_IMODE(dirent.stat(follow_symlinks=False).st_mode)
-                if mode & 0o077:
-                    log.warning("record %s had mode %o; tightened to 0600", dirent.name, mode)
-                    os.chmod(dirent.path, 0o600)
-                with open(dirent.path, "rb") as f:
-                    blob = f.read()
-                version, meta = records.open_meta(key.aead, blob, stem)
-                if key.file_id(meta.name) != stem:
-                    raise CorruptRecordError(f"record {dirent.name} does not belong to its name")
-            except CorruptRecordError as exc:
-                corrupt += 1
-                log.error("%s", exc)
-                continue
-            except OSError as exc:
-                corrupt += 1
-                log.error("cannot read record %s: %s", dirent.name, exc.strerror)
-                continue
-            sealed = None
-            if len(blob) <= CACHE_RECORD_LIMIT and cached + len(blob) <= CACHE_BUDGET:
-                sealed = records.sealed_values(blob, stem, version)
-                cached += len(sealed.ciphertext)
-            index[meta.name] = _Entry(stem, version, meta, sealed)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for fname in os.listdir(dir_fd):
+                stem = fname[:-4]
+                if len(fname) != 68 or not fname.endswith(records.SUFFIX):
+                    continue
+                try:
+                    fd = os.open(fname, flags, dir_fd=dir_fd)
+                    try:
+                        st = os.fstat(fd)
+                        if st.st_mode & 0o077:
+                            log.warning("record %s had mode %o; tightened to 0600", fname,
+                                        stat.S_IMODE(st.st_mode))
+                            os.fchmod(fd, 0o600)
+                        blob = os.read(fd, st.st_size + 1)
+                    finally:
+                        os.close(fd)
+                    version, meta = records.open_meta(key.aead, blob, stem)
+                    if key.file_id(meta.name) != stem:
+                        raise CorruptRecordError(f"record {fname} does not belong to its name")
+                    sealed = None
+                    if len(blob) <= CACHE_RECORD_LIMIT and cached + len(blob) <= CACHE_BUDGET:
+                        sealed = records.sealed_values(blob, stem, version)
+                        cached += len(sealed.ciphertext)
+                except CorruptRecordError as exc:
+                    corrupt += 1
+                    log.error("%s", exc)
+                    continue
+                except OSError as exc:
+                    corrupt += 1
+                    log.error("cannot read record %s: %s", fname, exc.strerror)
+                    continue
+                index[meta.name] = _Entry(stem, version, meta, sealed)
+        finally:
+            os.close(dir_fd)
         if corrupt:
             log.error("%d record(s) could not be read; the others are served", corrupt)
         return index, cached
