@@ -35,6 +35,8 @@ class Config:
     idle_timeout: float = 30.0
     max_connections: int = 256
     drain_timeout: float = 5.0
+    lock_after: float = 0.0  # lock after this long without a request (0: never)
+    max_unlocked: float = 0.0  # lock this long after unlock, used or not (0: never)
 
     @property
     def scrypt_log2_n(self) -> int:
@@ -55,6 +57,8 @@ class Config:
         for name in ("max_frame", "max_value_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer")
+        if self.lock_after < 0 or self.max_unlocked < 0:
+            raise ConfigError("lock_after and max_unlocked are seconds, 0 meaning off")
         if self.idle_timeout <= 0 or self.drain_timeout < 0:
             raise ConfigError("idle_timeout must be positive and drain_timeout not negative")
 
@@ -73,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scrypt-n", type=int, help="scrypt cost N used by a later init (default 2^17)")
     p.add_argument("--idle-timeout", type=float, help="close connections silent this long (s)")
     p.add_argument("--max-connections", type=int, help="connection cap (default 256)")
+    p.add_argument("--lock-after", type=float, metavar="SECONDS",
+                   help="lock after this long without a request (default off)")
+    p.add_argument("--max-unlocked", type=float, metavar="SECONDS",
+                   help="lock this long after unlock, in use or not (default off)")
     return p
 
 

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from homeagent_secrets.protocol.errors import CorruptRecordError, WrongPassphraseError
 from homeagent_secrets.protocol.secret import Secret
 
+from .hardening import mlock, munlock
+
 MAGIC: Final = b"HASK"
 FORMAT_VERSION: Final = 1
 DEFAULT_LOG2_N: Final = 17  # N = 2^17: 128 MiB, ~0.3-0.5 s on a small CPU
@@ -120,7 +122,7 @@ class DataKey:
     they are dropped with this object (FORMAT.md, "Key hygiene").
     """
 
-    __slots__ = ("key", "record_key", "name_key", "aead")
+    __slots__ = ("key", "record_key", "name_key", "aead", "memory_locked")
 
     def __init__(self, key: bytearray) -> None:
         if len(key) != KEY_BYTES:
@@ -129,6 +131,7 @@ class DataKey:
         self.record_key = bytearray(self._subkey(_RECORD_KEY_INFO))
         self.name_key = bytearray(self._subkey(_NAME_KEY_INFO))
         self.aead: AESGCM | None = AESGCM(self.record_key)
+        self.memory_locked = all([mlock(self.key), mlock(self.record_key), mlock(self.name_key)])
 
     @classmethod
     def generate(cls) -> DataKey:
@@ -147,7 +150,10 @@ class DataKey:
         """Overwrite every key buffer with zeros and drop the cipher context."""
         for buf in (self.key, self.record_key, self.name_key):
             _wipe(buf)
+            if self.memory_locked:
+                munlock(buf)
         self.aead = None
+        self.memory_locked = False
 
     def __repr__(self) -> str:
         return "DataKey(<redacted>)"

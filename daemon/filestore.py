@@ -110,6 +110,10 @@ class FileBackend(Backend):
     def locked(self) -> bool:
         return self._key is None
 
+    @property
+    def memory_locked(self) -> bool:
+        return self._key is not None and self._key.memory_locked
+
     async def count(self) -> int | None:
         return None if self._key is None else len(self._index)
 

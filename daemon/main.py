@@ -1,8 +1,9 @@
 """secretsd: start-up, serve, shutdown.
 
-Start-up builds the backend and the socket; serve runs until SIGTERM/SIGINT;
-shutdown stops accepting, lets requests in flight finish within a deadline,
-wipes the data key and removes the socket it created.
+Start-up hardens the process, builds the backend and the socket (its own, or
+the one systemd passed); serve runs until SIGTERM/SIGINT while keeping
+systemd informed; shutdown stops accepting, lets requests in flight finish
+within a deadline, wipes the data key and removes the socket it created.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 
 import anyio
 
 from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import SecretsError
+from homeagent_secrets.protocol.messages import NoParams
 
 from . import config as config_mod
 from .agent import Agent
@@ -22,8 +25,10 @@ from .backend import Backend
 from .config import Config
 from .datakey import KdfParams
 from .filestore import FileBackend
+from .hardening import harden_process
 from .listener import BoundSocket, bind_unix, inherited_socket
 from .logsetup import setup_logging
+from .sdnotify import Notifier
 from .server import Server, ServerLimits
 
 log = logging.getLogger("homeagent_secrets.daemon")
@@ -39,11 +44,57 @@ def make_backend(cfg: Config) -> Backend:
     raise config_mod.ConfigError(f"the {kind} backend is not available in this build")
 
 
+async def status_line(agent: Agent) -> str:
+    """The one line `systemctl status` shows for secretsd."""
+    st = await agent.status(NoParams())
+    if not st.initialized:
+        return f"not initialized ({st.backend} backend): run `secretsctl init`"
+    if st.locked:
+        return f"locked ({st.backend} backend): run `secretsctl unlock`"
+    return f"unlocked ({st.backend} backend), {st.secrets} secret(s)"
+
+
+async def keep_status_current(agent: Agent, notifier: Notifier) -> None:
+    changed = anyio.Event()
+
+    def on_change() -> None:
+        changed.set()
+
+    agent.on_change = on_change
+    while True:
+        notifier.notify(f"STATUS={await status_line(agent)}")
+        await changed.wait()
+        changed = anyio.Event()
+
+
+async def watchdog(notifier: Notifier) -> None:
+    assert notifier.watchdog_interval is not None
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await anyio.sleep(notifier.watchdog_interval)
+
+
+async def auto_lock(agent: Agent, lock_after: float, max_unlocked: float) -> None:
+    """gpg-agent's cache TTLs: lock when idle, or when unlocked too long."""
+    step = min(1.0, *(t / 4 for t in (lock_after, max_unlocked) if t > 0))
+    while True:
+        await anyio.sleep(step)
+        if agent.backend.locked:
+            continue
+        now = time.monotonic()
+        idle = lock_after > 0 and now - agent.last_used >= lock_after
+        aged = max_unlocked > 0 and agent.unlocked_at is not None and now - agent.unlocked_at >= max_unlocked
+        if idle or aged:
+            log.info("auto-lock: %s", "idle too long" if idle else "unlocked too long")
+            await agent.lock(NoParams())
+
+
 async def run(cfg: Config) -> None:
     """Serve until SIGTERM or SIGINT."""
+    notifier = Notifier()
     backend = make_backend(cfg)
     await backend.open()
-    agent = Agent(backend, max_value_bytes=cfg.max_value_bytes)
+    agent = Agent(backend, max_value_bytes=cfg.max_value_bytes, clock=time.monotonic)
     bound: BoundSocket | None = inherited_socket()
     if bound is None:
         bound = bind_unix(cfg.socket)
@@ -64,6 +115,12 @@ async def run(cfg: Config) -> None:
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 await tg.start(server.serve)
+                notifier.notify("READY=1", f"STATUS={await status_line(agent)}")
+                tg.start_soon(keep_status_current, agent, notifier)
+                if notifier.watchdog_interval:
+                    tg.start_soon(watchdog, notifier)
+                if cfg.lock_after > 0 or cfg.max_unlocked > 0:
+                    tg.start_soon(auto_lock, agent, cfg.lock_after, cfg.max_unlocked)
                 log.info(
                     "secretsd %s serving on %s (backend %s, %s)",
                     __version__, where, backend.name,
@@ -71,17 +128,23 @@ async def run(cfg: Config) -> None:
                 )
                 async for signum in signals:
                     log.info("received %s: shutting down", signal.Signals(signum).name)
+                    notifier.notify("STOPPING=1", "STATUS=stopping: finishing requests in flight")
                     server.stop_accepting()
                     break
+            # Serving is over once the drain ends; the helpers go with it.
+            await server.stopped.wait()
+            tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await backend.close()
         bound.remove()
+        notifier.close()
         log.info("stopped; data key wiped")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``secretsd`` command."""
+    harden_process()
     try:
         cfg = config_mod.load(argv)
     except SecretsError as exc:

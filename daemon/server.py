@@ -67,6 +67,7 @@ class Server:
         self.uid = os.getuid()
         self._live: set[_Connection] = set()
         self._accept_scope: anyio.CancelScope | None = None
+        self.stopped = anyio.Event()
 
     @property
     def connections(self) -> int:
@@ -89,6 +90,7 @@ class Server:
             with anyio.move_on_after(self.limits.drain_timeout):
                 await self.dispatcher.wait_idle()
             conns.cancel_scope.cancel()
+        self.stopped.set()
 
     async def _reap_idle(self) -> None:
         """Close connections idle longer than the limit.

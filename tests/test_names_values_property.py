@@ -45,7 +45,8 @@ def _run(names_values: list[tuple[str, str]]) -> None:
                     assert back["result"]["value"] == value
                 else:
                     assert got["error"]["code"] == -32602, got
-                    assert value == "" or value not in got["error"]["message"]
+                    # (short values can occur in any text by chance)
+                    assert len(value) < 6 or value not in got["error"]["message"]
     anyio.run(go)
 
 

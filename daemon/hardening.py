@@ -1,0 +1,57 @@
+"""Process hardening at start-up, whatever started the daemon.
+
+As ssh-agent does: not dumpable (no core dumps, no same-uid ptrace,
+/proc/PID/mem and environ closed to the user), RLIMIT_CORE 0, and the data key
+in mlock'ed pages where RLIMIT_MEMLOCK allows. Never mlockall: scrypt needs
+128 MiB at the default cost.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import resource
+
+log = logging.getLogger(__name__)
+
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def harden_process() -> None:
+    """No core dumps and no same-uid ptrace or /proc peeking."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(err))
+
+
+def is_dumpable() -> bool:
+    return bool(_libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
+
+
+def _address(buf: bytearray) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def mlock(buf: bytearray) -> bool:
+    """Pin ``buf``'s pages in RAM (never swapped); whether it worked."""
+    if not buf:
+        return False
+    if _libc.mlock(_address(buf), len(buf)) != 0:
+        log.info("mlock of key memory refused (%s): raise LimitMEMLOCK to allow it",
+                 os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
+def munlock(buf: bytearray) -> None:
+    if buf:
+        _libc.munlock(_address(buf), len(buf))
