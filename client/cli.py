@@ -98,11 +98,15 @@ def read_secret(label: str, file: str | None, twice: bool = False) -> Secret:
     return Secret(_strip_newline(sys.stdin.read()))
 
 
+class CredentialMissing(UsageError):
+    """No such credential was passed (``--ask-password`` may stand in)."""
+
+
 def read_credential(name: str) -> Secret:
     """A passphrase from ``$CREDENTIALS_DIRECTORY/NAME``, refused if group/world-readable."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
-        raise UsageError(
+        raise CredentialMissing(
             "--credential needs $CREDENTIALS_DIRECTORY (set by systemd's LoadCredential*=); "
             "run it from the secretsd-unlock unit or use --passphrase-file"
         )
@@ -111,6 +115,11 @@ def read_credential(name: str) -> Secret:
     path = Path(directory) / name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CredentialMissing(
+            f"no credential {name!r} in {directory}: seal one with `systemd-creds encrypt` "
+            "(see README) or add --ask-password"
+        ) from None
     except OSError as exc:
         raise UsageError(f"cannot open credential {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
@@ -170,11 +179,16 @@ def cmd_init(c: SecretsClient, a: argparse.Namespace) -> int:
 
 
 def cmd_unlock(c: SecretsClient, a: argparse.Namespace) -> int:
+    phrase: Secret | None = None
     if a.credential:
-        phrase = read_credential(a.credential)
-    elif a.ask_password:
+        try:
+            phrase = read_credential(a.credential)
+        except CredentialMissing:
+            if not a.ask_password:
+                raise
+    if phrase is None and a.ask_password:
         phrase = ask_password("Passphrase for the homeagent secrets agent:")
-    else:
+    if phrase is None:
         phrase = read_secret("Passphrase", a.passphrase_file)
     c.unlock(phrase)
     return EXIT_OK
@@ -278,10 +292,10 @@ def parser() -> argparse.ArgumentParser:
     sp = add("init", cmd_init, "create the store with a new passphrase (asked twice)")
     sp.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE (- = stdin)")
     sp = add("unlock", cmd_unlock, "unlock the agent")
-    src = sp.add_mutually_exclusive_group()
-    src.add_argument("--credential", metavar="NAME", help="read $CREDENTIALS_DIRECTORY/NAME (systemd)")
-    src.add_argument("--ask-password", action="store_true", help="ask through systemd-ask-password")
-    src.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE (- = stdin)")
+    sp.add_argument("--credential", metavar="NAME", help="read $CREDENTIALS_DIRECTORY/NAME (systemd)")
+    sp.add_argument("--ask-password", action="store_true",
+                    help="ask through systemd-ask-password (with --credential: when it is missing)")
+    sp.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE (- = stdin)")
     add("lock", cmd_lock, "lock the agent and wipe its data key")
     sp = add("passwd", cmd_passwd, "change the passphrase")
     sp.add_argument("--passphrase-file", metavar="FILE", help="the current passphrase")

@@ -27,7 +27,10 @@ _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 def harden_process() -> None:
     """No core dumps and no same-uid ptrace or /proc peeking."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError):
+        pass  # a sandbox that forbids setrlimit sets LimitCORE=0 itself
     if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(err))
