@@ -14,7 +14,13 @@ import anyio
 import anyio.abc
 
 from homeagent_secrets.protocol.errors import AgentUnreachableError, SecretsError
-from homeagent_secrets.protocol.messages import DescribeResult, Params, SecretResult, StatusResult
+from homeagent_secrets.protocol.messages import (
+    DescribeResult,
+    MigrateResult,
+    Params,
+    SecretResult,
+    StatusResult,
+)
 from homeagent_secrets.protocol.paths import default_socket_path
 from homeagent_secrets.protocol.rpc import ClientProtocol, Reply
 from homeagent_secrets.protocol.secret import Secret
@@ -196,3 +202,7 @@ class AsyncSecretsClient:
 
     async def describe(self, name: str) -> DescribeResult | None:
         return await self.call("describe", calls.name(name))  # type: ignore[no-any-return]
+
+    async def migrate(self, to: str, passphrase: str | Secret | None = None) -> MigrateResult:
+        """Move every secret to the ``to`` backend (see ``secretsctl migrate``)."""
+        return await self.call("migrate", calls.migrate(to, passphrase), timeout=max(self.timeout, 600))  # type: ignore[no-any-return]

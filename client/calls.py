@@ -11,6 +11,7 @@ from typing import Any, Final
 from homeagent_secrets.protocol.messages import (
     ChangePassphraseParams,
     ListParams,
+    MigrateParams,
     NameParams,
     NoParams,
     Params,
@@ -58,6 +59,10 @@ def passphrase(passphrase: str | Secret) -> Params:
 
 def change(old: str | Secret, new: str | Secret) -> Params:
     return ChangePassphraseParams(as_secret(old), as_secret(new))
+
+
+def migrate(to: str, passphrase: str | Secret | None) -> Params:
+    return MigrateParams(to, None if passphrase is None else as_secret(passphrase))  # type: ignore[arg-type]
 
 
 NONE: Final = NoParams()

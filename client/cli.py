@@ -271,6 +271,17 @@ def cmd_describe(c: SecretsClient, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate(c: SecretsClient, a: argparse.Namespace) -> int:
+    phrase = None
+    if a.to == "file" or a.passphrase_file is not None:
+        phrase = read_secret("Passphrase of the encrypted-file store", a.passphrase_file,
+                             twice=a.to == "file" and _stdin_is_tty())
+    result = c.migrate(a.to, phrase)
+    print(f"now on the {result.backend} backend: {result.migrated} secret(s) copied and verified, "
+          f"{result.removed} original(s) removed", file=sys.stderr)
+    return EXIT_OK
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -317,6 +328,10 @@ def parser() -> argparse.ArgumentParser:
     sp = add("rotate", cmd_rotate, "replace a secret's value, keeping the old one as previous")
     sp.add_argument("name")
     sp.add_argument("--value-file", metavar="FILE", help="read the value from FILE (- = stdin)")
+    sp = add("migrate", cmd_migrate, "move every secret to another backend, losslessly")
+    sp.add_argument("--to", required=True, choices=("file", "keychain"))
+    sp.add_argument("--passphrase-file", metavar="FILE",
+                    help="passphrase of the encrypted-file store (asked when --to file)")
     sp = add("describe", cmd_describe, "show a secret's metadata (never its value)")
     sp.add_argument("name")
     sp.add_argument("--json", action="store_true")

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from homeagent_secrets.protocol.errors import AgentUnreachableError, SecretsError
-from homeagent_secrets.protocol.messages import DescribeResult, Params, SecretResult, StatusResult
+from homeagent_secrets.protocol.messages import (
+    DescribeResult,
+    MigrateResult,
+    Params,
+    SecretResult,
+    StatusResult,
+)
 from homeagent_secrets.protocol.paths import default_socket_path
 from homeagent_secrets.protocol.rpc import ClientProtocol, Reply
 from homeagent_secrets.protocol.secret import Secret
@@ -184,3 +190,7 @@ class SecretsClient:
 
     def describe(self, name: str) -> DescribeResult | None:
         return self.call("describe", calls.name(name))  # type: ignore[no-any-return]
+
+    def migrate(self, to: str, passphrase: str | Secret | None = None) -> MigrateResult:
+        """Move every secret to the ``to`` backend (see ``secretsctl migrate``)."""
+        return self.call("migrate", calls.migrate(to, passphrase), timeout=max(self.timeout, 600))  # type: ignore[no-any-return]

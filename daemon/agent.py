@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -16,7 +17,10 @@ import anyio
 
 from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import (
+    BackendUnavailableError,
+    InvalidParams,
     NotSupportedError,
+    SecretsError,
     ValueTooLargeError,
     WrongPassphraseError,
 )
@@ -26,6 +30,8 @@ from homeagent_secrets.protocol.messages import (
     InitResult,
     ListParams,
     LockedResult,
+    MigrateParams,
+    MigrateResult,
     NameParams,
     NoParams,
     Params,
@@ -39,12 +45,21 @@ from homeagent_secrets.protocol.messages import (
 from homeagent_secrets.protocol.secret import Secret
 
 from .backend import Backend, WouldBlock
+from .faults import crash_point
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_VALUE: Final = 64 * 1024
 UNLOCK_DELAY_FIRST: Final = 0.25
 UNLOCK_DELAY_MAX: Final = 10.0
+
+
+@dataclass
+class Migration:
+    """What ``migrate`` needs: how to make a backend, how to record the choice."""
+
+    make_backend: Callable[[str], Backend]
+    record_choice: Callable[[str], None]
 
 
 class Agent:
@@ -55,8 +70,11 @@ class Agent:
         backend: Backend,
         max_value_bytes: int = DEFAULT_MAX_VALUE,
         clock: Callable[[], float] = time.monotonic,
+        migration: Migration | None = None,
     ) -> None:
         self.backend = backend
+        self.migration = migration
+        self._migrate_lock = anyio.Lock()
         self.max_value_bytes = max_value_bytes
         self._clock = clock
         self._started = clock()
@@ -79,6 +97,7 @@ class Agent:
             "list": self.list,
             "rotate": self.rotate,
             "describe": self.describe,
+            "migrate": self.migrate,
         }
 
     async def call(self, method: str, params: Params) -> Any:
@@ -103,6 +122,7 @@ class Agent:
 
     async def status(self, _: NoParams) -> StatusResult:
         b = self.backend
+        await b.probe()
         return StatusResult(
             initialized=b.initialized,
             locked=b.locked,
@@ -185,3 +205,86 @@ class Agent:
 
     async def describe(self, p: NameParams) -> Any:
         return await self.backend.describe(p.name)
+
+    # --- migration between backends -------------------------------------------------
+
+    async def _ready(self, backend: Backend, passphrase: Secret | None) -> None:
+        """Open ``backend`` and make it writable (init or unlock a file store)."""
+        await backend.open()
+        if not backend.has_passphrase:
+            return
+        if passphrase is None:
+            raise InvalidParams(
+                "the encrypted-file store needs its passphrase for this migration: "
+                "`secretsctl migrate` asks for it"
+            )
+        if not backend.initialized:
+            await backend.init(passphrase)
+        elif backend.locked:
+            await backend.unlock(passphrase)
+
+    async def migrate(self, p: MigrateParams) -> MigrateResult:
+        """Copy every secret to the other backend, verify, switch, then remove the originals.
+
+        Interrupted anywhere, it loses nothing: before the switch the source is
+        untouched and still in use; after it every copy is verified, and running
+        ``migrate`` again with the same target removes the leftovers.
+        """
+        if self.migration is None:
+            raise NotSupportedError("this agent was started without migration support")
+        async with self._migrate_lock:
+            src = self.backend
+            if p.to == src.name:
+                return MigrateResult(src.name, 0, await self._remove_leftovers(p))
+            dst = self.migration.make_backend(p.to)
+            await self._ready(dst, p.passphrase)
+            names = await src.list("")
+            for name in names:
+                record = await src.export(name)
+                if record is None:
+                    continue
+                await dst.import_(name, record)
+                if await dst.export(name) != record:
+                    raise BackendUnavailableError(
+                        f"{name!r} did not read back the same from the {dst.name} backend; "
+                        "nothing was switched or removed: check that backend and retry"
+                    )
+                crash_point("migrate-copied-one")
+            crash_point("migrate-before-switch")
+            await anyio.to_thread.run_sync(self.migration.record_choice, dst.name)
+            self.backend = dst
+            log.info("migrated %d secret(s) from %s to %s; removing the originals",
+                     len(names), src.name, dst.name)
+            crash_point("migrate-after-switch")
+            removed = 0
+            for name in names:
+                try:
+                    removed += await src.delete(name)
+                except SecretsError as exc:
+                    log.warning("could not remove %r from the %s backend: %s (run migrate again)",
+                                name, src.name, exc.message)
+            await src.close()
+            self.on_change()
+            return MigrateResult(dst.name, len(names), removed)
+
+    async def _remove_leftovers(self, p: MigrateParams) -> int:
+        """After an interrupted migration: drop copies the other backend still holds."""
+        assert self.migration is not None
+        other = self.migration.make_backend("keychain" if p.to == "file" else "file")
+        try:
+            await other.open()
+            if other.has_passphrase:
+                if not other.initialized:
+                    return 0
+                await self._ready(other, p.passphrase)
+            removed = 0
+            for name in await other.list(""):
+                theirs = await other.export(name)
+                if theirs is not None and theirs == await self.backend.export(name):
+                    removed += await other.delete(name)
+                else:
+                    log.warning("%r is only in the %s backend (or differs); left in place",
+                                name, other.name)
+            return removed
+        finally:
+            await other.close()

@@ -10,10 +10,27 @@ inherit the ``NotSupportedError`` answers.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 from homeagent_secrets.protocol.errors import NotSupportedError
 from homeagent_secrets.protocol.messages import DescribeResult, SecretResult
 from homeagent_secrets.protocol.secret import Secret
+
+
+@dataclass(frozen=True)
+class RecordExport:
+    """Everything a backend holds for one name, as ``migrate`` copies it."""
+
+    current: str
+    previous: str | None
+    version: int
+    previous_version: int
+    kind: str
+    created: float
+    updated: float
+
+    def __repr__(self) -> str:
+        return f"RecordExport(version={self.version}, kind={self.kind!r}, <values redacted>)"
 
 
 class WouldBlock(Exception):
@@ -50,6 +67,9 @@ class Backend(abc.ABC):
     def memory_locked(self) -> bool:
         """Whether key material is held in mlock'ed memory."""
         return False
+
+    async def probe(self) -> None:
+        """Refresh state that only a blocking call can read (before ``status``)."""
 
     async def count(self) -> int | None:
         """How many secrets, or None when that cannot be known now (locked)."""
@@ -102,3 +122,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def describe(self, name: str) -> DescribeResult | None:
         """Metadata without the value, or None when absent."""
+
+    @abc.abstractmethod
+    async def export(self, name: str) -> RecordExport | None:
+        """The whole record of ``name`` (both values and metadata), or None."""
+
+    @abc.abstractmethod
+    async def import_(self, name: str, record: RecordExport) -> None:
+        """Make ``name`` hold exactly ``record`` (overwriting): the other half of ``export``."""

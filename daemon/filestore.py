@@ -33,7 +33,7 @@ from homeagent_secrets.protocol.names import DEFAULT_KIND
 from homeagent_secrets.protocol.secret import Secret
 
 from . import atomicfile, datakey, records
-from .backend import Backend, WouldBlock
+from .backend import Backend, RecordExport, WouldBlock
 from .datakey import DataKey, KdfParams
 from .records import Meta, Values
 
@@ -376,6 +376,32 @@ class FileBackend(Backend):
         if entry is not None:
             self._index[name] = entry
             self._cached_bytes += entry.cached_bytes
+
+    async def export(self, name: str) -> RecordExport | None:
+        key = self._require_key()
+        entry = self._index.get(name)
+        if entry is None:
+            return None
+        v = await self._values(key, entry)
+        m = entry.meta
+        return RecordExport(v.current, v.previous, entry.version, m.previous_version, m.kind, m.created, m.updated)
+
+    async def import_(self, name: str, record: RecordExport) -> None:
+        key = self._require_key()
+        generation = self._generation
+        meta = Meta(name, record.kind, record.created, record.updated, record.previous_version)
+        values = Values(record.current, record.previous)
+        async with self._name_lock(name):
+            if key.aead is None or generation != self._generation:
+                raise LockedError()
+            old = self._index.get(name)
+            file_id = old.file_id if old else key.file_id(name)
+            blob = records.seal(key.aead, file_id, record.version, meta, values)
+            await anyio.to_thread.run_sync(
+                atomicfile.replace, self.dir, file_id + records.SUFFIX, blob, f"write secret {name!r}"
+            )
+            self._put(generation, name, _Entry(
+                file_id, record.version, meta, self._maybe_cache(blob, file_id, record.version, old)))
 
     async def delete(self, name: str) -> bool:
         self._require_key()

@@ -20,11 +20,10 @@ from homeagent_secrets.protocol.errors import SecretsError
 from homeagent_secrets.protocol.messages import NoParams
 
 from . import config as config_mod
-from .agent import Agent
+from . import selection
+from .agent import Agent, Migration
 from .backend import Backend
 from .config import Config
-from .datakey import KdfParams
-from .filestore import FileBackend
 from .hardening import harden_process
 from .listener import BoundSocket, bind_unix, inherited_socket
 from .logsetup import setup_logging
@@ -35,13 +34,12 @@ log = logging.getLogger("homeagent_secrets.daemon")
 
 
 def make_backend(cfg: Config) -> Backend:
-    """The storage backend the settings ask for."""
+    """The storage backend the settings (and the recorded choice) ask for."""
     if cfg.scrypt_log2_n < 17:
         log.warning("scrypt N=2^%d is below the recommended 2^17: use only for tests", cfg.scrypt_log2_n)
-    kind = "file" if cfg.backend == "auto" else cfg.backend
-    if kind == "file":
-        return FileBackend(cfg.home, KdfParams(log2_n=cfg.scrypt_log2_n))
-    raise config_mod.ConfigError(f"the {kind} backend is not available in this build")
+    kind, reason = selection.choose(cfg)
+    log.info("backend %s: %s", kind, reason)
+    return selection.make_backend(kind, cfg)
 
 
 async def status_line(agent: Agent) -> str:
@@ -94,7 +92,9 @@ async def run(cfg: Config) -> None:
     notifier = Notifier()
     backend = make_backend(cfg)
     await backend.open()
-    agent = Agent(backend, max_value_bytes=cfg.max_value_bytes, clock=time.monotonic)
+    agent = Agent(backend, max_value_bytes=cfg.max_value_bytes, clock=time.monotonic,
+                  migration=Migration(lambda kind: selection.make_backend(kind, cfg),
+                                      lambda kind: selection.write_record(cfg.home, kind)))
     bound: BoundSocket | None = inherited_socket()
     if bound is None:
         bound = bind_unix(cfg.socket)

@@ -97,6 +97,11 @@ class RotateParams(Params, frozen=True):
         _check_text(self.value, "value")
 
 
+class MigrateParams(Params, frozen=True):
+    to: Literal["file", "keychain"]
+    passphrase: Secret | None = None  # for the encrypted-file store, when it is the target
+
+
 # --- results -------------------------------------------------------------------
 
 
@@ -146,6 +151,12 @@ class DescribeResult(Result, frozen=True):
     has_previous: bool
 
 
+class MigrateResult(Result, frozen=True):
+    backend: str
+    migrated: int
+    removed: int
+
+
 class Method(msgspec.Struct, frozen=True):
     """One row of the method table."""
 
@@ -169,5 +180,6 @@ METHODS: Final[dict[str, Method]] = {
         Method("list", ListParams, list[str], writes=False),
         Method("rotate", RotateParams, WrittenResult, writes=True),
         Method("describe", NameParams, DescribeResult | None, writes=False),
+        Method("migrate", MigrateParams, MigrateResult, writes=True),
     )
 }

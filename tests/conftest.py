@@ -83,6 +83,8 @@ class Daemon:
         cmd = [sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(self.home),
                "--socket", str(self.socket), "--scrypt-n", str(TEST_SCRYPT_N),
                "--log-level", "DEBUG", *self.args]
+        if "--backend" not in self.args:  # deterministic even where a desktop keyring runs
+            cmd += ["--backend", "file"]
         env = {**os.environ, **self.env}
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=self._logf, env=env)
