@@ -208,11 +208,18 @@ def open_store() -> Store:
 
     kr = keyring.get_keyring()
     problem = unusable_reason(kr)
-    if problem:
-        raise BackendUnavailableError(f"no usable OS keychain: {problem}")
-    if isinstance(kr, SecretService.Keyring):
+    if problem is None:
+        return SecretServiceStore() if isinstance(kr, SecretService.Keyring) else KeyringStore(kr)
+    # keyring decides once per process; the session bus may have come up since
+    # (a boot-time start), so ask the Secret Service directly before giving up.
+    try:
         return SecretServiceStore()
-    return KeyringStore(kr)
+    except Exception as exc:
+        raise BackendUnavailableError(
+            f"no usable OS keychain: {problem}, and the Secret Service does not answer "
+            f"({type(exc).__name__}); check that a keyring daemon (e.g. gnome-keyring) runs "
+            "on the session bus"
+        ) from None
 
 
 def unusable_reason(kr: Any) -> str | None:

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         anyio.run(run, cfg)
+    except config_mod.ConfigError as exc:
+        log.error("%s", exc.message)
+        return 2
     except SecretsError as exc:
         log.error("%s", exc.message)
         return 1

@@ -5,8 +5,8 @@ Adding a backend to the suite is adding one entry here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,4 +27,48 @@ async def file_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
         await b.close()
 
 
-BACKENDS: dict[str, Callable[[Path, Any], Any]] = {"file": file_backend}
+@contextmanager
+def _keyring_env(tmp: Path, request: Any) -> Iterator[None]:
+    from .keyringd import gnome_keyring
+
+    mp = request.getfixturevalue("monkeypatch")
+    with gnome_keyring(tmp) as env:
+        mp.setenv("DBUS_SESSION_BUS_ADDRESS", env["DBUS_SESSION_BUS_ADDRESS"])
+        yield
+
+
+@asynccontextmanager
+async def keychain_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
+    """The Secret Service store (kept-open connection) on a real GNOME Keyring."""
+    from homeagent_secrets.daemon.keychain import KeychainBackend, SecretServiceStore
+
+    with _keyring_env(tmp, request):
+        b = KeychainBackend(SecretServiceStore)
+        await b.open()
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@asynccontextmanager
+async def keychain_keyring_api_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
+    """The generic keyring-API store (what macOS/Windows use) on the same real keyring."""
+    from keyring.backends.SecretService import Keyring
+
+    from homeagent_secrets.daemon.keychain import KeychainBackend, KeyringStore
+
+    with _keyring_env(tmp, request):
+        b = KeychainBackend(lambda: KeyringStore(Keyring()))
+        await b.open()
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+BACKENDS: dict[str, Callable[[Path, Any], Any]] = {
+    "file": file_backend,
+    "keychain": keychain_backend,
+    "keychain-keyring-api": keychain_keyring_api_backend,
+}

@@ -79,10 +79,13 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
+    @staticmethod
+    def command(home: Path, sock: Path) -> list[str]:
+        return [sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(home),
+                "--socket", str(sock), "--scrypt-n", str(TEST_SCRYPT_N), "--log-level", "DEBUG"]
+
     def start(self) -> Daemon:
-        cmd = [sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(self.home),
-               "--socket", str(self.socket), "--scrypt-n", str(TEST_SCRYPT_N),
-               "--log-level", "DEBUG", *self.args]
+        cmd = [*self.command(self.home, self.socket), *self.args]
         if "--backend" not in self.args:  # deterministic even where a desktop keyring runs
             cmd += ["--backend", "file"]
         env = {**os.environ, **self.env}

@@ -119,3 +119,18 @@ async def test_count_matches_list(backend: Backend) -> None:
     for i in range(5):
         await backend.store(f"n{i}", Secret("v"), None)
     assert await backend.count() == 5
+
+
+async def test_export_import_round_trip_keeps_everything(backend: Backend) -> None:
+    from homeagent_secrets.daemon.backend import RecordExport
+
+    await backend.store("m/x", Secret("one"), "device")
+    await backend.rotate("m/x", Secret("two"))
+    rec = await backend.export("m/x")
+    assert rec == RecordExport("two", "one", 2, 1, "device", rec.created, rec.updated)  # type: ignore[union-attr]
+    assert "two" not in repr(rec)
+    await backend.import_("m/y", rec)  # type: ignore[arg-type]
+    assert await backend.export("m/y") == rec
+    prev = await backend.retrieve("m/y", previous=True)
+    assert prev is not None and prev.value == Secret("one") and prev.version == 1
+    assert await backend.export("nope") is None
