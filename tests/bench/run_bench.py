@@ -76,6 +76,52 @@ def pipelined_store(sock: Path, names: list[str], value: str) -> None:
     s.close()
 
 
+def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
+    """keychain retrieve through secretsd next to plain keyring.get_password, one run."""
+    if not (shutil.which("dbus-daemon") and shutil.which("gnome-keyring-daemon")):
+        return {"skipped": "gnome-keyring / dbus-daemon not installed"}
+    from homeagent_secrets.client import SecretsClient
+    from tests.keyringd import gnome_keyring
+
+    out: dict[str, Any] = {}
+    with gnome_keyring(tmp / "kr") as env:
+        os.environ["DBUS_SESSION_BUS_ADDRESS"] = env["DBUS_SESSION_BUS_ADDRESS"]
+        import keyring
+        from keyring.backends.SecretService import Keyring
+
+        kr = Keyring()
+        keyring.set_keyring(kr)
+        sock = tmp / "kc.sock"
+        d = subprocess.Popen([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(tmp / "kc-home"),
+                              "--socket", str(sock), "--backend", "keychain", "--log-level", "WARNING"], env=env)
+        try:
+            wait_socket(sock)
+            c = SecretsClient(sock)
+            names = [f"bench/kc-{i}" for i in range(50)]
+            for n in names:
+                c.store(n, "k" * 40)
+            for label, fn in (("keyring_get_password_per_s", lambda n: kr.get_password("homeagent", n)),
+                              ("secretsd_sync_client_per_s", lambda n: c.retrieve(n))):
+                k = 0
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < secs:
+                    fn(names[k % 50])
+                    k += 1
+                out[label] = round(k / (time.perf_counter() - t0), 1)
+            reqfile = tmp / "kc.jsonl"
+            reqfile.write_text("".join(json.dumps({"jsonrpc": "2.0", "id": i, "method": "retrieve",
+                                                   "params": {"name": n}}) + "\n" for i, n in enumerate(names)))
+            r = loadgen(exe, sock, 8, secs, reqfile)
+            out["secretsd_8conns"] = {k: r[k] for k in ("ops_per_s", "p50_us", "p99_us", "errors")}
+            out["ratio_sync_client_vs_keyring"] = round(
+                out["secretsd_sync_client_per_s"] / out["keyring_get_password_per_s"], 2)
+            c.close()
+        finally:
+            d.send_signal(signal.SIGTERM)
+            d.wait(15)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter measurement windows")
@@ -183,6 +229,7 @@ def main() -> int:
             "rss_mb_after_unlock": round(rss_mb(agent.pid), 1),
         }
         client.close()
+        report["keychain"] = keychain_bench(tmp, exe, secs)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
