@@ -23,12 +23,9 @@ from .aio import AsyncSecretsClient
 from .sync import SecretsClient
 
 __all__ = [
-    "SecretsClient",
-    "AsyncSecretsClient",
-    "Secret",
-    "SecretsError",
     "AgentUnreachableError",
     "AlreadyInitializedError",
+    "AsyncSecretsClient",
     "BackendUnavailableError",
     "ConflictError",
     "InvalidParams",
@@ -36,6 +33,9 @@ __all__ = [
     "NotFoundError",
     "NotInitializedError",
     "NotSupportedError",
+    "Secret",
+    "SecretsClient",
+    "SecretsError",
     "ValueTooLargeError",
     "WrongPassphraseError",
 ]

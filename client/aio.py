@@ -12,7 +12,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-
 from homeagent_secrets.protocol.errors import AgentUnreachableError, SecretsError
 from homeagent_secrets.protocol.messages import (
     DescribeResult,

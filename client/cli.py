@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import stat
 import subprocess
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import msgspec
-
 from homeagent_secrets.protocol.errors import (
     AgentUnreachableError,
     InvalidParams,
@@ -63,7 +61,7 @@ def _exit_code(exc: SecretsError) -> int:
 def _strip_newline(text: str) -> str:
     if text.endswith("\r\n"):
         return text[:-2]
-    return text[:-1] if text.endswith("\n") else text
+    return text.removesuffix("\n")
 
 
 def _read_file(path: str, what: str) -> str:

@@ -108,7 +108,7 @@ class SecretsClient:
             sock.settimeout(remaining)
             try:
                 data = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError from None
             except OSError:
                 raise _Dropped(True) from None

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
-
 from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import (
     BackendUnavailableError,

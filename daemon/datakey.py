@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
 from homeagent_secrets.protocol.errors import CorruptRecordError, WrongPassphraseError
 from homeagent_secrets.protocol.secret import Secret
 
@@ -122,7 +121,7 @@ class DataKey:
     they are dropped with this object (FORMAT.md, "Key hygiene").
     """
 
-    __slots__ = ("key", "record_key", "name_key", "aead", "memory_locked")
+    __slots__ = ("aead", "key", "memory_locked", "name_key", "record_key")
 
     def __init__(self, key: bytearray) -> None:
         if len(key) != KEY_BYTES:

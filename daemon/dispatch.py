@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 import anyio
-
 from homeagent_secrets.protocol.errors import InternalError, SecretsError
 from homeagent_secrets.protocol.rpc import (
     Batch,

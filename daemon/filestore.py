@@ -20,7 +20,6 @@ from typing import Final
 
 import anyio
 import anyio.to_thread
-
 from homeagent_secrets.protocol.errors import (
     AlreadyInitializedError,
     CorruptRecordError,

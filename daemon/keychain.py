@@ -29,7 +29,6 @@ from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.to_thread
-
 from homeagent_secrets.protocol.errors import (
     BackendUnavailableError,
     LockedError,

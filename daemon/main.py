@@ -14,7 +14,6 @@ import sys
 import time
 
 import anyio
-
 from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import SecretsError
 from homeagent_secrets.protocol.messages import NoParams
@@ -77,7 +76,9 @@ async def auto_lock(agent: Agent, lock_after: float, max_unlocked: float) -> Non
     step = min(1.0, *(t / 4 for t in (lock_after, max_unlocked) if t > 0))
     while True:
         await anyio.sleep(step)
-        if agent.backend.locked:
+        # The keychain backend has no agent lock (the OS keychain locks itself),
+        # and a migration can switch backends while this runs.
+        if not agent.backend.has_passphrase or agent.backend.locked:
             continue
         now = time.monotonic()
         idle = lock_after > 0 and now - agent.last_used >= lock_after
@@ -120,6 +121,9 @@ async def run(cfg: Config) -> None:
                 if notifier.watchdog_interval:
                     tg.start_soon(watchdog, notifier)
                 if cfg.lock_after > 0 or cfg.max_unlocked > 0:
+                    if not backend.has_passphrase:
+                        log.warning("--lock-after/--max-unlocked do not apply to the %s backend: "
+                                    "the OS keychain locks itself", backend.name)
                     tg.start_soon(auto_lock, agent, cfg.lock_after, cfg.max_unlocked)
                 log.info(
                     "secretsd %s serving on %s (backend %s, %s)",

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
-
 from homeagent_secrets.protocol.errors import FrameTooLarge, TooManyConnectionsError
 from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME, FrameSplitter
 from homeagent_secrets.protocol.messages import METHODS

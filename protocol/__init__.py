@@ -14,16 +14,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
-    "FrameSplitter",
-    "METHODS",
     "KINDS",
-    "check_name",
-    "name_problem",
+    "METHODS",
     "Batch",
     "ClientProtocol",
+    "FrameSplitter",
     "Rejected",
     "Reply",
     "Request",
-    "parse_message",
     "Secret",
+    "check_name",
+    "name_problem",
+    "parse_message",
 ]

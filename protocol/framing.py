@@ -19,7 +19,7 @@ class FrameSplitter:
     ``feed`` returns nothing: the peer is out of step and must be disconnected.
     """
 
-    __slots__ = ("max_size", "_partial", "oversize")
+    __slots__ = ("_partial", "max_size", "oversize")
 
     def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
         self.max_size = max_size

@@ -54,9 +54,8 @@ async def keychain_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
 @asynccontextmanager
 async def keychain_keyring_api_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
     """The generic keyring-API store (what macOS/Windows use) on the same real keyring."""
-    from keyring.backends.SecretService import Keyring
-
     from homeagent_secrets.daemon.keychain import KeychainBackend, KeyringStore
+    from keyring.backends.SecretService import Keyring
 
     with _keyring_env(tmp, request):
         b = KeychainBackend(lambda: KeyringStore(Keyring()))

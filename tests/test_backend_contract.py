@@ -11,7 +11,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-
 from homeagent_secrets.daemon.backend import Backend
 from homeagent_secrets.protocol.errors import NotFoundError
 from homeagent_secrets.protocol.secret import Secret

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-
 from homeagent_secrets.client import (
     AgentUnreachableError,
     AsyncSecretsClient,
@@ -26,7 +25,7 @@ from homeagent_secrets.client import (
 )
 from homeagent_secrets.protocol.errors import AlreadyInitializedError, NotSupportedError
 
-from .conftest import PASSPHRASE, Daemon, run_as, wait_for_socket
+from .conftest import PASSPHRASE, Daemon, run_as
 
 
 def raw_connect(path: Path) -> socket.socket:

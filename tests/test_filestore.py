@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
 from homeagent_secrets.daemon import datakey, records
 from homeagent_secrets.daemon.datakey import KdfParams
 from homeagent_secrets.daemon.filestore import WRAPPED_KEY_FILE, FileBackend

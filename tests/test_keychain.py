@@ -4,16 +4,13 @@ migration both ways with a kill in the middle."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from homeagent_secrets.client import SecretsClient
 from homeagent_secrets.daemon.keychain import (
     INDEX,
@@ -22,7 +19,11 @@ from homeagent_secrets.daemon.keychain import (
     SecretServiceStore,
     Store,
 )
-from homeagent_secrets.protocol.errors import BackendUnavailableError, LockedError, NotSupportedError
+from homeagent_secrets.protocol.errors import (
+    BackendUnavailableError,
+    LockedError,
+    NotSupportedError,
+)
 from homeagent_secrets.protocol.secret import Secret
 
 from .conftest import PASSPHRASE, Daemon, require_tool

@@ -7,10 +7,9 @@ import tempfile
 from pathlib import Path
 
 import anyio
+from homeagent_secrets.protocol.names import name_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from homeagent_secrets.protocol.names import name_problem
 
 from .memory import MemoryPair
 

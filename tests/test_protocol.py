@@ -7,7 +7,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
 from homeagent_secrets.protocol import errors
 from homeagent_secrets.protocol.framing import FrameSplitter
 from homeagent_secrets.protocol.messages import (

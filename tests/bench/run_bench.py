@@ -81,6 +81,7 @@ def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
     if not (shutil.which("dbus-daemon") and shutil.which("gnome-keyring-daemon")):
         return {"skipped": "gnome-keyring / dbus-daemon not installed"}
     from homeagent_secrets.client import SecretsClient
+
     from tests.keyringd import gnome_keyring
 
     out: dict[str, Any] = {}
