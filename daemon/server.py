@@ -75,7 +75,7 @@ class Server:
     # --- lifecycle --------------------------------------------------------------
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Accept until ``stop_accepting``; connections live in ``conn_group``."""
+        """Accept until ``stop_accepting``, then drain the connections within the deadline."""
         listener = await anyio.abc.SocketListener.from_socket(self.sock)
         async with anyio.create_task_group() as conns:
             conns.start_soon(self._reap_idle)

@@ -23,7 +23,7 @@ from homeagent_secrets.client import (
     ValueTooLargeError,
     WrongPassphraseError,
 )
-from homeagent_secrets.protocol.errors import AlreadyInitializedError, NotSupportedError
+from homeagent_secrets.protocol.errors import AlreadyInitializedError
 
 from .conftest import PASSPHRASE, Daemon, run_as
 
@@ -336,11 +336,6 @@ def test_unreachable_agent_error_names_socket_and_how_to_start(short_tmp: Path) 
     with pytest.raises(AgentUnreachableError) as info:
         SecretsClient(short_tmp / "none.sock").status()
     assert "none.sock" in str(info.value) and "secretsd" in str(info.value)
-
-
-def test_passphrase_methods_need_a_passphrase_backend(unlocked: Daemon) -> None:
-    # file backend supports them all; the error class exists for keychain/openbao
-    assert NotSupportedError.code == -32008
 
 
 def test_no_secret_reaches_the_debug_log(unlocked: Daemon) -> None:

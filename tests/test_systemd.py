@@ -413,13 +413,17 @@ def test_daemon_is_not_ptraceable_and_hides_its_environ_from_its_own_user(
     assert "Traceback" not in (short_tmp / "u.log").read_text()
 
 
-def test_core_dumps_are_disabled_in_the_daemon(unlocked: Daemon) -> None:
+def test_core_dumps_are_off_and_the_key_is_mlocked(unlocked: Daemon) -> None:
     limits = Path(f"/proc/{unlocked.pid}/limits").read_text()
     core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
     assert core.split()[4:6] == ["0", "0"], core
+    # The data key's pages are pinned (RLIMIT_MEMLOCK allows a few pages, root or not).
+    assert SecretsClient(unlocked.socket).status().memory_locked is True
     status = Path(f"/proc/{unlocked.pid}/status").read_text()
-    assert SecretsClient(unlocked.socket).status().memory_locked in (True, False)
-    assert "VmLck" in status
+    locked_kb = int(next(line for line in status.splitlines() if line.startswith("VmLck:")).split()[1])
+    assert locked_kb > 0
+    SecretsClient(unlocked.socket).lock()
+    assert SecretsClient(unlocked.socket).status().memory_locked is False
 
 
 def test_auto_lock_after_idle_and_after_max_unlocked(daemon_factory) -> None:  # type: ignore[no-untyped-def]

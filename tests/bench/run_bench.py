@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # the repository root: tests.* helpers
+
+from tests.conftest import wait_for_socket  # noqa: E402
 PASS = "bench passphrase"
 
 
@@ -28,20 +31,6 @@ def build_loadgen(out: Path) -> Path:
     exe = out / "loadgen"
     subprocess.run(["cc", "-O2", "-o", str(exe), str(HERE / "loadgen.c")], check=True)
     return exe
-
-
-def wait_socket(path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(str(path))
-            return
-        except OSError:
-            time.sleep(0.02)
-        finally:
-            s.close()
-    raise TimeoutError(path)
 
 
 def loadgen(exe: Path, sock: Path, conns: int, secs: float, reqfile: Path) -> dict[str, Any]:
@@ -96,7 +85,7 @@ def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
         d = subprocess.Popen([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(tmp / "kc-home"),
                               "--socket", str(sock), "--backend", "keychain", "--log-level", "WARNING"], env=env)
         try:
-            wait_socket(sock)
+            wait_for_socket(sock)
             c = SecretsClient(sock)
             names = [f"bench/kc-{i}" for i in range(50)]
             for n in names:
@@ -130,7 +119,6 @@ def main() -> int:
     args = ap.parse_args()
     secs = args.seconds or (2.0 if args.quick else 5.0)
 
-    sys.path.insert(0, str(HERE.parents[1]))
     from homeagent_secrets.client import SecretsClient
     from homeagent_secrets.daemon.datakey import KdfParams, _derive_kek
     from homeagent_secrets.protocol.secret import Secret
@@ -146,8 +134,8 @@ def main() -> int:
         agent = subprocess.Popen([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(tmp / "home"),
                                   "--socket", str(agent_sock), "--log-level", "WARNING"])
         procs.append(agent)
-        wait_socket(echo_sock)
-        wait_socket(agent_sock)
+        wait_for_socket(echo_sock)
+        wait_for_socket(agent_sock)
         client = SecretsClient(agent_sock, timeout=120)
         client.init(PASS)
 
