@@ -20,6 +20,23 @@ from .conftest import require_real
 
 KEYRING_PASSWORD = "keyring-test-password"
 
+# A session bus with no service directories: nothing is D-Bus-activated, so
+# the only Secret Service on it is the unlocked gnome-keyring started below
+# (an activated second instance would race it for the name, locked).
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:dir={runtime}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
 
 def available() -> bool:
     return all(shutil.which(t) for t in ("dbus-daemon", "gnome-keyring-daemon"))
@@ -62,19 +79,28 @@ def gnome_keyring(base: Path) -> Iterator[dict[str, str]]:
            "XDG_DATA_HOME": str(home / ".local/share"), "XDG_CONFIG_HOME": str(home / ".config"),
            "XDG_CACHE_HOME": str(home / ".cache")}
     env.pop("DBUS_SESSION_BUS_ADDRESS", None)
-    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"],
+    config = base / "kr-bus.conf"
+    config.write_text(_BUS_CONFIG.format(runtime=runtime))
+    bus = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile",
+                            "--print-address=1"],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     procs = [bus]
     try:
         address = bus.stdout.readline().strip()  # type: ignore[union-attr]
         assert address, "dbus-daemon printed no address"
         env["DBUS_SESSION_BUS_ADDRESS"] = address
+        gk_log = open(base / "gnome-keyring.log", "wb")
         gk = subprocess.Popen(["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
-                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                              stdin=subprocess.PIPE, stdout=gk_log, stderr=gk_log, env=env)
+        gk_log.close()
         procs.append(gk)
         gk.stdin.write(KEYRING_PASSWORD.encode())  # type: ignore[union-attr]
         gk.stdin.close()  # type: ignore[union-attr]
-        _ready(address)
+        try:
+            _ready(address)
+        except TimeoutError:
+            log = (base / "gnome-keyring.log").read_text(errors="replace")[-2000:]
+            raise TimeoutError(f"gnome-keyring did not come up (exit {gk.poll()}): {log}") from None
         yield env
     finally:
         for p in reversed(procs):
