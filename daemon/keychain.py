@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
@@ -90,7 +91,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete(self, account: str) -> bool: ...
 
-    def accounts(self) -> set[str]:
+    def accounts(self) -> AbstractSet[str]:
         raise NotImplementedError
 
     def is_locked(self) -> bool:
@@ -188,7 +189,7 @@ class SecretServiceStore(Store):
         item.delete()
         return True
 
-    def accounts(self) -> set[str]:
+    def accounts(self) -> AbstractSet[str]:
         if self.collection.is_locked():
             raise LockedError(LOCKED_MESSAGE)
         return {i.get_attributes().get("username", "") for i in self.collection.search_items({"service": SERVICE})}

@@ -212,7 +212,7 @@ class _Connection:
                                 tg.start_soon(self._in_task, msg)
                             else:
                                 await dispatcher.answer_batch(msg, out)
-                        elif _is_write(msg):
+                        elif isinstance(msg, Request) and _is_write(msg):
                             self.tasks += 1
                             tg.start_soon(self._in_task, msg)
                         else:

@@ -127,7 +127,7 @@ def _typed_request(m: Method) -> type[msgspec.Struct]:
 
 
 _typed_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
-    Union[tuple(_typed_request(m) for m in METHODS.values())],  # type: ignore[misc]  # noqa: UP007
+    Union[tuple(_typed_request(m) for m in METHODS.values())],  # noqa: UP007
     dec_hook=dec_hook,
 )
 
