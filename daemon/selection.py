@@ -66,7 +66,7 @@ def choose(cfg: Config) -> tuple[str, str]:
         if problem is None:
             kind, reason = "keychain", "the OS keychain answered a probe write/read/delete"
         else:
-            kind, reason = "file", f"no usable OS keychain ({problem})"
+            kind, reason = "file", problem  # it already says "no usable OS keychain" or why
     if recorded is None:
         write_record(cfg.home, kind)
     return kind, reason
