@@ -10,7 +10,11 @@ inherit the ``NotSupportedError`` answers.
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+import anyio
 
 from homeagent_secrets.protocol.errors import NotSupportedError
 from homeagent_secrets.protocol.messages import DescribeResult, SecretResult
@@ -31,6 +35,28 @@ class RecordExport:
 
     def __repr__(self) -> str:
         return f"RecordExport(version={self.version}, kind={self.kind!r}, <values redacted>)"
+
+
+class NameLocks:
+    """One lock per secret name, dropped when nobody holds or waits for it.
+
+    Serializes this agent's writes to one name; reads never take it.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, anyio.Lock] = {}
+
+    @asynccontextmanager
+    async def __call__(self, name: str) -> AsyncIterator[None]:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = anyio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(name, None)
 
 
 class WouldBlock(Exception):

@@ -15,7 +15,7 @@ from homeagent_secrets.protocol.paths import default_home, default_socket_path
 from .agent import DEFAULT_MAX_VALUE
 from .datakey import DEFAULT_LOG2_N, MAX_LOG2_N, MIN_LOG2_N
 
-BACKENDS = ("auto", "file", "keychain")
+BACKENDS = ("auto", "file", "keychain", "openbao", "vault")  # vault: an alias of openbao
 
 
 class ConfigError(SecretsError):
@@ -37,6 +37,16 @@ class Config:
     drain_timeout: float = 5.0
     lock_after: float = 0.0  # lock after this long without a request (0: never)
     max_unlocked: float = 0.0  # lock this long after unlock, used or not (0: never)
+    # --- OpenBao / Vault backend ---
+    openbao_address: tuple[str, ...] = ("http://127.0.0.1:8200",)
+    openbao_ca_file: str | None = None
+    openbao_mount: str = "secret"
+    openbao_prefix: str = "homeagent/"
+    openbao_token_file: str | None = None
+    openbao_token_credential: str | None = None
+    openbao_approle_role_id: str | None = None
+    openbao_approle_secret_id_file: str | None = None
+    openbao_timeout: float = 5.0
 
     @property
     def scrypt_log2_n(self) -> int:
@@ -48,6 +58,12 @@ class Config:
             raise ConfigError(
                 f"scrypt_n must be a power of two from 2^{MIN_LOG2_N} to 2^{MAX_LOG2_N} (got {n})"
             )
+        if not self.openbao_address or not all(
+            a.startswith(("http://", "https://")) for a in self.openbao_address
+        ):
+            raise ConfigError("openbao_address must be a list of http:// or https:// URLs")
+        if self.openbao_prefix and not self.openbao_prefix.endswith("/"):
+            raise ConfigError("openbao_prefix must end with '/' (e.g. \"homeagent/\")")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         if self.log_format not in ("text", "json"):
@@ -77,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scrypt-n", type=int, help="scrypt cost N used by a later init (default 2^17)")
     p.add_argument("--idle-timeout", type=float, help="close connections silent this long (s)")
     p.add_argument("--max-connections", type=int, help="connection cap (default 256)")
+    p.add_argument("--openbao-address", action="append", metavar="URL",
+                   help="OpenBao/Vault server address (repeat for a cluster)")
+    p.add_argument("--openbao-token-file", metavar="FILE", help="file holding the OpenBao token")
     p.add_argument("--lock-after", type=float, metavar="SECONDS",
                    help="lock after this long without a request (default off)")
     p.add_argument("--max-unlocked", type=float, metavar="SECONDS",
@@ -107,6 +126,11 @@ def load(argv: list[str] | None = None) -> Config:
         k: v for k, v in vars(args).items() if v is not None and k != "config"
     }
     merged = {**file_values, **flag_values}
+    if "openbao_address" in merged:
+        addr = merged["openbao_address"]
+        merged["openbao_address"] = (addr,) if isinstance(addr, str) else tuple(addr)
+    if merged.get("backend") == "vault":
+        merged["backend"] = "openbao"
     home = Path(merged.pop("home")).expanduser() if "home" in merged else default_home()
     sock = Path(merged.pop("socket")).expanduser() if "socket" in merged else default_socket_path(home)
     try:

@@ -32,7 +32,7 @@ from homeagent_secrets.protocol.names import DEFAULT_KIND
 from homeagent_secrets.protocol.secret import Secret
 
 from . import atomicfile, datakey, records
-from .backend import Backend, RecordExport, WouldBlock
+from .backend import Backend, NameLocks, RecordExport, WouldBlock
 from .datakey import DataKey, KdfParams
 from .records import Meta, Values
 
@@ -84,7 +84,7 @@ class FileBackend(Backend):
         self._index: dict[str, _Entry] = {}
         self._cached_bytes = 0
         self._generation = 0  # bumped by lock: a write finishing afterwards must not repopulate
-        self._name_locks: dict[str, anyio.Lock] = {}
+        self._name_lock = NameLocks()
         self._state_lock = anyio.Lock()
         self._initialized = False
 
@@ -310,53 +310,39 @@ class FileBackend(Backend):
     async def rotate(self, name: str, value: Secret) -> int:
         return await self._write(name, value, None, must_exist=True)
 
-    def _name_lock(self, name: str) -> anyio.Lock:
-        lock = self._name_locks.get(name)
-        if lock is None:
-            lock = self._name_locks[name] = anyio.Lock()
-        return lock
-
-    def _release_name_lock(self, name: str, lock: anyio.Lock) -> None:
-        if not lock.locked() and lock.statistics().tasks_waiting == 0:
-            self._name_locks.pop(name, None)
-
     async def _write(self, name: str, value: Secret, kind: str | None, must_exist: bool) -> int:
         key = self._require_key()
         generation = self._generation
-        lock = self._name_lock(name)
-        try:
-            async with lock:
-                old = self._index.get(name)
-                if old is None and must_exist:
-                    raise NotFoundError(f"no secret named {name!r} to rotate: store it first")
-                now = self._clock()
-                if old is None:
-                    version = 1
-                    meta = Meta(name, kind or DEFAULT_KIND, now, now, 0)
-                    values = Values(value.reveal(), None)
-                else:
-                    version = old.version + 1
-                    current = (await self._values(key, old)).current
-                    meta = Meta(name, kind or old.meta.kind, old.meta.created, now, old.version)
-                    values = Values(value.reveal(), current)
-                if key.aead is None or generation != self._generation:
-                    raise LockedError()
-                file_id = old.file_id if old else key.file_id(name)
-                blob = records.seal(key.aead, file_id, version, meta, values)
-                try:
-                    await anyio.to_thread.run_sync(
-                        atomicfile.replace, self.dir, file_id + records.SUFFIX, blob,
-                        f"write secret {name!r}",
-                    )
-                except atomicfile.NotSyncedError:
-                    self._put(generation, name, _Entry(file_id, version, meta, None))
-                    raise
-                self._put(generation, name, _Entry(
-                    file_id, version, meta, self._maybe_cache(blob, file_id, version, old)
-                ))
-                return version
-        finally:
-            self._release_name_lock(name, lock)
+        async with self._name_lock(name):
+            old = self._index.get(name)
+            if old is None and must_exist:
+                raise NotFoundError(f"no secret named {name!r} to rotate: store it first")
+            now = self._clock()
+            if old is None:
+                version = 1
+                meta = Meta(name, kind or DEFAULT_KIND, now, now, 0)
+                values = Values(value.reveal(), None)
+            else:
+                version = old.version + 1
+                current = (await self._values(key, old)).current
+                meta = Meta(name, kind or old.meta.kind, old.meta.created, now, old.version)
+                values = Values(value.reveal(), current)
+            if key.aead is None or generation != self._generation:
+                raise LockedError()
+            file_id = old.file_id if old else key.file_id(name)
+            blob = records.seal(key.aead, file_id, version, meta, values)
+            try:
+                await anyio.to_thread.run_sync(
+                    atomicfile.replace, self.dir, file_id + records.SUFFIX, blob,
+                    f"write secret {name!r}",
+                )
+            except atomicfile.NotSyncedError:
+                self._put(generation, name, _Entry(file_id, version, meta, None))
+                raise
+            self._put(generation, name, _Entry(
+                file_id, version, meta, self._maybe_cache(blob, file_id, version, old)
+            ))
+            return version
 
     def _maybe_cache(
         self, blob: bytes, file_id: str, version: int, old: _Entry | None
@@ -405,20 +391,16 @@ class FileBackend(Backend):
     async def delete(self, name: str) -> bool:
         self._require_key()
         generation = self._generation
-        lock = self._name_lock(name)
-        try:
-            async with lock:
-                entry = self._index.get(name)
-                if entry is None:
-                    return False
-                try:
-                    await anyio.to_thread.run_sync(
-                        atomicfile.remove, self.dir, entry.file_id + records.SUFFIX,
-                        f"delete secret {name!r}",
-                    )
-                finally:
-                    if not (self.dir / (entry.file_id + records.SUFFIX)).exists():
-                        self._put(generation, name, None)
-                return True
-        finally:
-            self._release_name_lock(name, lock)
+        async with self._name_lock(name):
+            entry = self._index.get(name)
+            if entry is None:
+                return False
+            try:
+                await anyio.to_thread.run_sync(
+                    atomicfile.remove, self.dir, entry.file_id + records.SUFFIX,
+                    f"delete secret {name!r}",
+                )
+            finally:
+                if not (self.dir / (entry.file_id + records.SUFFIX)).exists():
+                    self._put(generation, name, None)
+            return True

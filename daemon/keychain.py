@@ -40,7 +40,7 @@ from homeagent_secrets.protocol.messages import DescribeResult, SecretResult
 from homeagent_secrets.protocol.names import DEFAULT_KIND
 from homeagent_secrets.protocol.secret import Secret
 
-from .backend import Backend, RecordExport
+from .backend import Backend, NameLocks, RecordExport
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class KeychainBackend(Backend):
         self._store: Store | None = None
         self._meta: dict[str, _State] | None = None  # None until loaded (keychain may be locked)
         self._limiter = anyio.CapacityLimiter(1)  # one D-Bus conversation at a time
-        self._locks: dict[str, anyio.Lock] = {}
+        self._name_lock = NameLocks()
         self._locked_seen = False
 
     # --- plumbing -------------------------------------------------------------------
@@ -415,12 +415,6 @@ class KeychainBackend(Backend):
 
     # --- secrets --------------------------------------------------------------------------
 
-    def _lock_for(self, name: str) -> anyio.Lock:
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = anyio.Lock()
-        return lock
-
     async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
         meta = await self._loaded()
         st = meta.get(name)
@@ -450,7 +444,7 @@ class KeychainBackend(Backend):
 
     async def _write(self, name: str, value: Secret, kind: str | None, must_exist: bool) -> int:
         meta = await self._loaded()
-        async with self._lock_for(name):
+        async with self._name_lock(name):
             old = meta.get(name)
             if old is None and must_exist:
                 raise NotFoundError(f"no secret named {name!r} to rotate: store it first")
@@ -487,7 +481,7 @@ class KeychainBackend(Backend):
 
     async def delete(self, name: str) -> bool:
         meta = await self._loaded()
-        async with self._lock_for(name):
+        async with self._name_lock(name):
             if name not in meta:
                 return False
             await self._run("delete a secret", self._delete_sync, name)
@@ -528,6 +522,6 @@ class KeychainBackend(Backend):
             store.set(STATE_PREFIX + name, _state_doc(st, rec.previous))
             store.set(name, rec.current)
 
-        async with self._lock_for(name):
+        async with self._name_lock(name):
             await self._run("store a secret", write)
             meta[name] = st

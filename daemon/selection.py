@@ -23,7 +23,7 @@ from .filestore import WRAPPED_KEY_FILE, FileBackend, ensure_private_dir
 log = logging.getLogger(__name__)
 
 RECORD_FILE: Final = "backend"
-KINDS: Final = ("file", "keychain")
+KINDS: Final = ("file", "keychain", "openbao")
 
 
 def read_record(home: Path) -> str | None:
@@ -80,4 +80,13 @@ def make_backend(kind: str, cfg: Config) -> Backend:
         from .keychain import KeychainBackend
 
         return KeychainBackend()
+    if kind == "openbao":
+        from .openbao import OpenBaoBackend, OpenBaoSettings
+
+        return OpenBaoBackend(OpenBaoSettings(
+            addresses=cfg.openbao_address, ca_file=cfg.openbao_ca_file, mount=cfg.openbao_mount,
+            prefix=cfg.openbao_prefix, token_file=cfg.openbao_token_file,
+            token_credential=cfg.openbao_token_credential, approle_role_id=cfg.openbao_approle_role_id,
+            approle_secret_id_file=cfg.openbao_approle_secret_id_file, timeout=cfg.openbao_timeout,
+        ))
     raise SecretsError(f"unknown backend {kind!r}")

@@ -66,7 +66,27 @@ async def keychain_keyring_api_backend(tmp: Path, request: Any) -> AsyncIterator
             await b.close()
 
 
+@asynccontextmanager
+async def openbao_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
+    """A real OpenBao dev server (one per session), a fresh KV prefix per test."""
+    import uuid
+
+    from homeagent_secrets.daemon.openbao import OpenBaoBackend, OpenBaoSettings
+
+    server = request.getfixturevalue("bao_dev")
+    token = tmp / "bao-token"
+    token.write_text(server.root_token + "\n")
+    b = OpenBaoBackend(OpenBaoSettings(addresses=(server.address,), token_file=str(token),
+                                       prefix=f"contract-{uuid.uuid4().hex[:8]}/"))
+    await b.open()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
 BACKENDS: dict[str, Callable[[Path, Any], Any]] = {
+    "openbao": openbao_backend,
     "file": file_backend,
     "keychain": keychain_backend,
     "keychain-keyring-api": keychain_keyring_api_backend,

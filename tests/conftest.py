@@ -198,3 +198,13 @@ def run_as(uid: int, gid: int, fn, timeout: float = 10.0) -> bytes:  # type: ign
         chunks.append(f.read())
     os.waitpid(pid, 0)
     return b"".join(chunks)
+
+
+@pytest.fixture(scope="session")
+def bao_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One real OpenBao dev server for the session (tests use their own prefixes)."""
+    from .baoserver import ROOT_TOKEN, dev_server
+
+    with dev_server(tmp_path_factory.mktemp("bao")) as server:
+        server.root_token = ROOT_TOKEN  # type: ignore[attr-defined]
+        yield server

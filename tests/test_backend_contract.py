@@ -128,6 +128,12 @@ async def test_export_import_round_trip_keeps_everything(backend: Backend) -> No
     rec = await backend.export("m/x")
     assert rec == RecordExport("two", "one", 2, 1, "device", rec.created, rec.updated)  # type: ignore[union-attr]
     assert "two" not in repr(rec)
+    if backend.name == "openbao":  # the server numbers versions and stamps times itself
+        from homeagent_secrets.protocol.errors import NotSupportedError
+
+        with pytest.raises(NotSupportedError):
+            await backend.import_("m/y", rec)  # type: ignore[arg-type]
+        return
     await backend.import_("m/y", rec)  # type: ignore[arg-type]
     assert await backend.export("m/y") == rec
     prev = await backend.retrieve("m/y", previous=True)
