@@ -253,8 +253,14 @@ class OpenBaoBackend(Backend):
         return self._locked_seen
 
     async def probe(self) -> None:
+        def sealed(client: Any) -> bool:
+            # The health endpoint answers 503 when sealed without raising: read its body.
+            resp = client.sys.read_health_status(method="GET")
+            data = resp if isinstance(resp, dict) else resp.json()
+            return bool(data.get("sealed"))
+
         try:
-            await self._run("check its seal state", lambda c: c.sys.read_health_status(method="GET"))
+            self._locked_seen = await self._run("check its seal state", sealed)
         except SecretsError:
             pass
 

@@ -56,6 +56,7 @@ class DevServer:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     unseal_key: str = ""
+    starts: int = 0
 
     @property
     def address(self) -> str:
@@ -72,8 +73,14 @@ class DevServer:
             stdout=log, stderr=log, env=self.env())
         log.close()
         wait_http(self.address, ok=(200,))
-        text = (self.base / f"bao-{self.port}.log").read_text(errors="replace")
-        keys = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Unseal Key:")]
+        deadline = time.monotonic() + 15  # the banner with the unseal key may come after the health answer
+        while True:
+            text = (self.base / f"bao-{self.port}.log").read_text(errors="replace")
+            keys = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Unseal Key:")]
+            if len(keys) > self.starts or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.starts += 1
         self.unseal_key = keys[-1] if keys else ""
         return self
 
