@@ -107,6 +107,7 @@ _NODE_CONFIG = """
 storage "raft" {{
   path    = "{data}"
   node_id = "{node}"
+  performance_multiplier = 1
 {joins}
 }}
 listener "tcp" {{
@@ -149,10 +150,16 @@ class Cluster:
             env["BAO_TOKEN"] = token
         return subprocess.run([self.bao, *args], env=env, capture_output=True, text=True, timeout=60)
 
-    def unseal(self, i: int) -> None:
+    def unseal(self, i: int, timeout: float = 90) -> None:
+        """Unseal node i; a follower first needs retry_join to have reached the leader."""
         wait_http(self.address(i))
-        r = self.cli(i, "operator", "unseal", self.unseal_key)
-        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.cli(i, "operator", "unseal", self.unseal_key)
+            if r.returncode == 0:
+                return
+            assert time.monotonic() < deadline and "not initialized" in r.stderr, r.stderr
+            time.sleep(0.2)
 
     def leader(self) -> int:
         import requests
