@@ -148,7 +148,8 @@ class Server:
 class _Connection:
     def __init__(self, server: Server, stream: anyio.abc.SocketStream) -> None:
         self.server = server
-        self.stream = stream
+        self.stream = stream  # owns the socket's lifetime; I/O goes to the socket directly
+        self.sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
         self.splitter = FrameSplitter(server.limits.max_frame)
         self.send_lock = anyio.Lock()
         self.tasks = 0  # requests running as tasks; they may send concurrently
@@ -163,16 +164,29 @@ class _Connection:
             return 0.0
         return now - self.last_active
 
-    async def send(self, data: bytes | bytearray) -> None:
+    # anyio's stream.send yields to the event loop before every send. An answer
+    # almost always fits in the socket buffer, so it is written straight to the
+    # non-blocking socket, waiting only if it would block: one loop iteration
+    # less per request. (Receives keep anyio's yield: it lets answers from many
+    # peers arrive before the next read, which saves epoll registrations.)
+
+    async def _send_now(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
         try:
-            if self.tasks == 0 and not self.send_lock.locked():
-                # Only this loop can send now, so the lock (a few µs) is skipped.
-                await self.stream.send(data)  # type: ignore[arg-type]
-            else:
-                async with self.send_lock:
-                    await self.stream.send(data)  # type: ignore[arg-type]
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            while view:
+                try:
+                    view = view[self.sock.send(view):]
+                except BlockingIOError:
+                    await anyio.wait_writable(self.sock)
+        except OSError:
             pass  # the client went away; its writes still completed
+
+    async def send(self, data: bytes | bytearray) -> None:
+        if self.tasks == 0 and not self.send_lock.locked():
+            await self._send_now(data)  # only this loop can send now: no lock needed
+        else:
+            async with self.send_lock:
+                await self._send_now(data)
 
     async def _in_task(self, msg: Request | Batch) -> None:
         try:
@@ -184,10 +198,7 @@ class _Connection:
                     await self.server.dispatcher.answer(msg, out)
                 if out:
                     async with self.send_lock:
-                        try:
-                            await self.stream.send(out)  # type: ignore[arg-type]
-                        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                            pass
+                        await self._send_now(out)
         finally:
             self.tasks -= 1
             self.last_active = time.monotonic()
