@@ -34,7 +34,7 @@ from homeagent_secrets.protocol.errors import (
     SecretsError,
 )
 from homeagent_secrets.protocol.messages import DescribeResult, SecretResult
-from homeagent_secrets.protocol.names import DEFAULT_KIND
+from homeagent_secrets.protocol.names import DEFAULT_KIND, KINDS
 from homeagent_secrets.protocol.secret import Secret
 
 from .backend import Backend, NameLocks, RecordExport
@@ -332,7 +332,7 @@ class OpenBaoBackend(Backend):
 
     @staticmethod
     def _alive(meta: dict[str, Any], version: int) -> bool:
-        v = (meta.get("versions") or {}).get(str(version))
+        v: dict[str, Any] = (meta.get("versions") or {}).get(str(version)) or {}
         return bool(v) and not v.get("destroyed") and not v.get("deletion_time")
 
     async def describe(self, name: str) -> DescribeResult | None:
@@ -341,8 +341,10 @@ class OpenBaoBackend(Backend):
             if meta is None or not int(meta.get("current_version") or 0):
                 return None
             current = int(meta["current_version"])
-            kind = (meta.get("custom_metadata") or {}).get("kind") or DEFAULT_KIND
-            return DescribeResult(name, kind, current, _epoch(meta["created_time"]),
+            kind = (meta.get("custom_metadata") or {}).get("kind")
+            if kind not in KINDS:  # set by another tool, or a store stopped before its metadata
+                kind = DEFAULT_KIND
+            return DescribeResult(name, kind, current, _epoch(meta["created_time"]),  # type: ignore[arg-type]
                                   _epoch(meta["updated_time"]),
                                   current > 1 and self._alive(meta, current - 1))
 
