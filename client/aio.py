@@ -202,6 +202,7 @@ class AsyncSecretsClient:
     async def describe(self, name: str) -> DescribeResult | None:
         return await self.call("describe", calls.name(name))  # type: ignore[no-any-return]
 
-    async def migrate(self, to: str, passphrase: str | Secret | None = None) -> MigrateResult:
+    async def migrate(self, to: str, passphrase: str | Secret | None = None,
+                      source: str | None = None) -> MigrateResult:
         """Move every secret to the ``to`` backend (see ``secretsctl migrate``)."""
-        return await self.call("migrate", calls.migrate(to, passphrase), timeout=max(self.timeout, 600))  # type: ignore[no-any-return]
+        return await self.call("migrate", calls.migrate(to, passphrase, source), timeout=max(self.timeout, 600))  # type: ignore[no-any-return]

@@ -61,8 +61,9 @@ def change(old: str | Secret, new: str | Secret) -> Params:
     return ChangePassphraseParams(as_secret(old), as_secret(new))
 
 
-def migrate(to: str, passphrase: str | Secret | None) -> Params:
-    return MigrateParams(to, None if passphrase is None else as_secret(passphrase))  # type: ignore[arg-type]
+def migrate(to: str, passphrase: str | Secret | None, source: str | None = None) -> Params:
+    secret = None if passphrase is None else as_secret(passphrase)
+    return MigrateParams(to, secret, source)  # type: ignore[arg-type]
 
 
 NONE: Final = NoParams()

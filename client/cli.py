@@ -274,7 +274,7 @@ def cmd_migrate(c: SecretsClient, a: argparse.Namespace) -> int:
     if a.to == "file" or a.passphrase_file is not None:
         phrase = read_secret("Passphrase of the encrypted-file store", a.passphrase_file,
                              twice=a.to == "file" and _stdin_is_tty())
-    result = c.migrate(a.to, phrase)
+    result = c.migrate(a.to, phrase, source=a.source)
     print(f"now on the {result.backend} backend: {result.migrated} secret(s) copied and verified, "
           f"{result.removed} original(s) removed", file=sys.stderr)
     return EXIT_OK
@@ -327,7 +327,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--value-file", metavar="FILE", help="read the value from FILE (- = stdin)")
     sp = add("migrate", cmd_migrate, "move every secret to another backend, losslessly")
-    sp.add_argument("--to", required=True, choices=("file", "keychain"))
+    sp.add_argument("--to", required=True, choices=("file", "keychain", "openbao"))
+    sp.add_argument("--from", dest="source", choices=("file", "keychain", "openbao"),
+                    help="on a re-run after an interruption: the backend to clean up "
+                         "(default: file when --to keychain/openbao, keychain when --to file)")
     sp.add_argument("--passphrase-file", metavar="FILE",
                     help="passphrase of the encrypted-file store (asked when --to file)")
     sp = add("describe", cmd_describe, "show a secret's metadata (never its value)")

@@ -191,6 +191,7 @@ class SecretsClient:
     def describe(self, name: str) -> DescribeResult | None:
         return self.call("describe", calls.name(name))  # type: ignore[no-any-return]
 
-    def migrate(self, to: str, passphrase: str | Secret | None = None) -> MigrateResult:
+    def migrate(self, to: str, passphrase: str | Secret | None = None,
+                source: str | None = None) -> MigrateResult:
         """Move every secret to the ``to`` backend (see ``secretsctl migrate``)."""
-        return self.call("migrate", calls.migrate(to, passphrase), timeout=max(self.timeout, 600))  # type: ignore[no-any-return]
+        return self.call("migrate", calls.migrate(to, passphrase, source), timeout=max(self.timeout, 600))  # type: ignore[no-any-return]

@@ -243,7 +243,8 @@ class Agent:
                 if record is None:
                     continue
                 await dst.import_(name, record)
-                if await dst.export(name) != record:
+                copy = await dst.export(name)
+                if not (copy == record if dst.keeps_history else record.same_content(copy)):
                     raise BackendUnavailableError(
                         f"{name!r} did not read back the same from the {dst.name} backend; "
                         "nothing was switched or removed: check that backend and retry"
@@ -269,7 +270,7 @@ class Agent:
     async def _remove_leftovers(self, p: MigrateParams) -> int:
         """After an interrupted migration: drop copies the other backend still holds."""
         assert self.migration is not None
-        other = self.migration.make_backend("keychain" if p.to == "file" else "file")
+        other = self.migration.make_backend(p.source or ("keychain" if p.to == "file" else "file"))
         try:
             await other.open()
             if other.has_passphrase:
@@ -279,7 +280,7 @@ class Agent:
             removed = 0
             for name in await other.list(""):
                 theirs = await other.export(name)
-                if theirs is not None and theirs == await self.backend.export(name):
+                if theirs is not None and theirs.same_content(await self.backend.export(name)):
                     removed += await other.delete(name)
                 else:
                     log.warning("%r is only in the %s backend (or differs); left in place",

@@ -36,6 +36,12 @@ class RecordExport:
     def __repr__(self) -> str:
         return f"RecordExport(version={self.version}, kind={self.kind!r}, <values redacted>)"
 
+    def same_content(self, other: RecordExport | None) -> bool:
+        """Equal values and kind: what survives a copy into a backend that numbers
+        versions and stamps times itself (OpenBao)."""
+        return other is not None and (self.current, self.previous, self.kind) == (
+            other.current, other.previous, other.kind)
+
 
 class NameLocks:
     """One lock per secret name, dropped when nobody holds or waits for it.
@@ -70,6 +76,8 @@ class Backend(abc.ABC):
     name: str = "abstract"
     #: Whether init/unlock/lock/change_passphrase apply to this backend.
     has_passphrase: bool = False
+    #: Whether ``import_`` keeps version numbers and timestamps exactly.
+    keeps_history: bool = True
     _no_passphrase = "this backend does not use the agent passphrase"
 
     async def open(self) -> None:

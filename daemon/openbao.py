@@ -92,6 +92,7 @@ class OpenBaoBackend(Backend):
     """Secrets in an OpenBao/Vault KV v2 engine."""
 
     name = "openbao"
+    keeps_history = False  # the server numbers versions and stamps times itself
     _no_passphrase = (
         "OpenBao handles sealing and unsealing: use `bao operator unseal` instead of the agent passphrase"
     )
@@ -434,9 +435,21 @@ class OpenBaoBackend(Backend):
                             info.created, info.updated)
 
     async def import_(self, name: str, record: RecordExport) -> None:
-        from homeagent_secrets.protocol.errors import NotSupportedError
+        """Write the previous value, then the current one, then the kind.
 
-        raise NotSupportedError(
-            "OpenBao numbers versions and stamps times itself, so a record cannot be imported "
-            "unchanged; copy values with `store` instead"
-        )
+        OpenBao numbers the versions and stamps the times itself, so only the
+        values and the kind carry over (``keeps_history`` is False). Skips
+        writes that would only repeat what is there, so a re-run adds no versions.
+        """
+        async with self._name_lock(name):
+            existing = await self.export(name)
+            if record.same_content(existing):
+                return
+
+            def write(client: Any) -> None:
+                if record.previous is not None:
+                    self._write(client, name, record.previous, None)
+                self._write(client, name, record.current, None)
+                self._set_kind(client, name, record.kind)
+
+            await self._run("copy a secret", write)

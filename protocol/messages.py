@@ -98,8 +98,9 @@ class RotateParams(Params, frozen=True):
 
 
 class MigrateParams(Params, frozen=True):
-    to: Literal["file", "keychain"]
+    to: Literal["file", "keychain", "openbao"]
     passphrase: Secret | None = None  # for the encrypted-file store, when it is the target
+    source: Literal["file", "keychain", "openbao"] | None = None  # a re-run's old backend, to clean
 
 
 # --- results -------------------------------------------------------------------
