@@ -282,3 +282,24 @@ def test_one_config_switch_and_migrate_move_a_file_installation_to_openbao(
     d.start()
     with SecretsClient(d.socket) as c:
         assert c.status().backend == "openbao" and c.get("llm/openai") == "sk-1"
+
+
+async def test_token_from_a_systemd_credential_never_in_argv_or_logs(
+    bao_dev: DevServer, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    creds = short_tmp / "creds"
+    creds.mkdir(mode=0o700)
+    (creds / "bao-token").write_text(ROOT_TOKEN)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    b = OpenBaoBackend(OpenBaoSettings(addresses=(bao_dev.address,), token_credential="bao-token",
+                                       prefix="cred-test/"))
+    caplog.set_level("DEBUG")
+    await b.open()
+    await b.store("x", Secret("v"), None)
+    got = await b.retrieve("x")
+    assert got is not None and got.value == Secret("v")
+    assert ROOT_TOKEN not in caplog.text and ROOT_TOKEN not in repr(b.s)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    fresh = OpenBaoBackend(b.s)
+    with pytest.raises(BackendUnavailableError, match="CREDENTIALS_DIRECTORY"):
+        await fresh.retrieve("x")
