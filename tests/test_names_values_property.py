@@ -42,6 +42,8 @@ def _run(names_values: list[tuple[str, str]]) -> None:
                         {"jsonrpc": "2.0", "id": i, "method": "retrieve", "params": {"name": name}}
                     ).encode() + b"\n"))
                     assert back["result"]["value"] == value
+                elif not valid_text:  # a lone surrogate escape: msgspec refuses the JSON itself
+                    assert got["error"]["code"] in (-32602, -32700), got
                 else:
                     assert got["error"]["code"] == -32602, got
                     # (short values can occur in any text by chance)
