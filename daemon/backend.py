@@ -102,6 +102,9 @@ class Backend(abc.ABC):
         """Whether key material is held in mlock'ed memory."""
         return False
 
+    async def maintain(self) -> None:
+        """Periodic upkeep while serving (the file backend re-tightens modes)."""
+
     async def probe(self) -> None:
         """Refresh state that only a blocking call can read (before ``status``)."""
 

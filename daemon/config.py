@@ -37,6 +37,7 @@ class Config:
     drain_timeout: float = 5.0
     lock_after: float = 0.0  # lock after this long without a request (0: never)
     max_unlocked: float = 0.0  # lock this long after unlock, used or not (0: never)
+    maintenance_interval: float = 60.0  # re-tighten state file modes this often (s)
     # --- OpenBao / Vault backend ---
     openbao_address: tuple[str, ...] = ("http://127.0.0.1:8200",)
     openbao_ca_file: str | None = None
@@ -73,6 +74,8 @@ class Config:
         for name in ("max_frame", "max_value_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer")
+        if self.maintenance_interval <= 0:
+            raise ConfigError("maintenance_interval must be a positive number of seconds")
         if self.lock_after < 0 or self.max_unlocked < 0:
             raise ConfigError("lock_after and max_unlocked are seconds, 0 meaning off")
         if self.idle_timeout <= 0 or self.drain_timeout < 0:

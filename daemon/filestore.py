@@ -116,6 +116,33 @@ class FileBackend(Backend):
     async def count(self) -> int | None:
         return None if self._key is None else len(self._index)
 
+    async def maintain(self) -> None:
+        await anyio.to_thread.run_sync(self.restore_modes)
+
+    def restore_modes(self) -> int:
+        """Re-tighten the state directory and every file in it; how many were loosened."""
+        fixed = 0
+        for path in (self.home, self.dir):
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)
+            except OSError:
+                continue
+            if mode & 0o077:
+                log.warning("%s was loosened to mode %o while running; restored to 0700", path, mode)
+                path.chmod(0o700)
+                fixed += 1
+        for dirent in os.scandir(self.dir):
+            try:
+                st = dirent.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                log.warning("%s was loosened to mode %o while running; restored to 0600",
+                            dirent.name, stat.S_IMODE(st.st_mode))
+                os.chmod(dirent.path, 0o600)
+                fixed += 1
+        return fixed
+
     # --- passphrase -------------------------------------------------------------
 
     def _read_wrapped(self) -> bytes:

@@ -71,6 +71,16 @@ async def watchdog(notifier: Notifier) -> None:
         await anyio.sleep(notifier.watchdog_interval)
 
 
+async def maintain(agent: Agent, interval: float) -> None:
+    """Backend upkeep: the file store puts loosened modes back, a minute apart."""
+    while True:
+        await anyio.sleep(interval)
+        try:
+            await agent.backend.maintain()
+        except OSError as exc:
+            log.warning("maintenance failed: %s", exc.strerror)
+
+
 async def auto_lock(agent: Agent, lock_after: float, max_unlocked: float) -> None:
     """gpg-agent's cache TTLs: lock when idle, or when unlocked too long."""
     step = min(1.0, *(t / 4 for t in (lock_after, max_unlocked) if t > 0))
@@ -118,6 +128,7 @@ async def run(cfg: Config) -> None:
                 await tg.start(server.serve)
                 notifier.notify("READY=1", f"STATUS={await status_line(agent)}")
                 tg.start_soon(keep_status_current, agent, notifier)
+                tg.start_soon(maintain, agent, cfg.maintenance_interval)
                 if notifier.watchdog_interval:
                     tg.start_soon(watchdog, notifier)
                 if cfg.lock_after > 0 or cfg.max_unlocked > 0:

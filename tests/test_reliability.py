@@ -279,7 +279,7 @@ def test_soak_64_connections_mixed_load(daemon_factory, short_tmp: Path) -> None
             time.sleep(0.02)
         return last
 
-    warm = load(5)  # warm-up: caches, pools and the allocator settle
+    warm = load(8)  # warm-up: caches, worker threads and the allocator settle
     rss0, fds0 = _rss_kb(d.pid), settled_fds()
     soak = load(seconds)
     rss1, fds1 = _rss_kb(d.pid), settled_fds()
@@ -374,3 +374,31 @@ def test_bad_message_corpus_gets_the_right_answers_while_others_are_served(unloc
         s.close()
         assert good.get("good/one") == "ok", f"the good client was not served after: {name}"
     assert len(cases) >= 60
+
+
+# --- access ------------------------------------------------------------------------------------------
+
+
+def test_modes_loosened_while_running_are_restored(daemon_factory, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
+    import stat
+    import time
+
+    config = short_tmp / "maint.toml"
+    config.write_text("maintenance_interval = 0.3\n")
+    d: Daemon = daemon_factory("--config", str(config), name="modes")
+    c = SecretsClient(d.socket)
+    c.init(PASSPHRASE)
+    c.store("a", "v")
+    secrets_dir = d.home / "secrets"
+    record = next(secrets_dir.glob("*.rec"))
+    secrets_dir.chmod(0o755)
+    record.chmod(0o644)
+    (secrets_dir / "wrapped-key").chmod(0o664)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        modes = [stat.S_IMODE(p.stat().st_mode) for p in (secrets_dir, record, secrets_dir / "wrapped-key")]
+        if modes == [0o700, 0o600, 0o600]:
+            break
+        time.sleep(0.05)
+    assert modes == [0o700, 0o600, 0o600]
+    assert "loosened to mode 755 while running" in d.log_text()
