@@ -402,3 +402,32 @@ def test_modes_loosened_while_running_are_restored(daemon_factory, short_tmp: Pa
         time.sleep(0.05)
     assert modes == [0o700, 0o600, 0o600]
     assert "loosened to mode 755 while running" in d.log_text()
+
+
+def test_failed_fsync_is_a_failed_write_never_a_false_success(short_tmp: Path) -> None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    require_real(cc is not None, "a C compiler for the fsync fault shim")
+    shim = short_tmp / "failing_fsync.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), str(Path(__file__).parent / "sandbox" / "failing_fsync.c"),
+                    "-ldl"], check=True)
+    flag = short_tmp / "disk-is-dying"
+    d = Daemon(short_tmp / "fh", short_tmp / "f.sock", short_tmp / "f.log",
+               env={"LD_PRELOAD": str(shim), "HOMEAGENT_FAIL_FSYNC_IF": str(flag)}).start()
+    c = SecretsClient(d.socket)
+    c.init(PASSPHRASE)
+    c.store("k", "good")
+    files_before = sorted(p.name for p in (d.home / "secrets").iterdir())
+    flag.touch()
+    for call in (lambda: c.store("k", "never-acknowledged"), lambda: c.rotate("k", "never-2"),
+                 lambda: c.store("new/one", "never-3"), lambda: c.change_passphrase(PASSPHRASE, "x")):
+        with pytest.raises(SecretsError) as info:
+            call()
+        assert info.value.code == -32006 and "I/O error" in info.value.message
+        assert c.get("k") == "good"
+        assert sorted(p.name for p in (d.home / "secrets").iterdir()) == files_before
+    assert c.list() == ["k"]
+    flag.unlink()
+    assert c.rotate("k", "after") == 2 and c.get("k", previous=True) == "good"
+    d.restart()
+    c.unlock(PASSPHRASE)  # the failed passphrase change left the old passphrase in force
+    assert c.get("k") == "after"
