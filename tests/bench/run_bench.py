@@ -65,6 +65,16 @@ def pipelined_store(sock: Path, names: list[str], value: str) -> None:
     s.close()
 
 
+def calls_per_s(fn: Any, names: list[str], secs: float) -> float:
+    """How many times a second ``fn(name)`` completes, called in a loop for ``secs``."""
+    k = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < secs:
+        fn(names[k % len(names)])
+        k += 1
+    return round(k / (time.perf_counter() - t0), 1)
+
+
 def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
     """keychain retrieve through secretsd next to plain keyring.get_password, one run."""
     if not (shutil.which("dbus-daemon") and shutil.which("gnome-keyring-daemon")):
@@ -90,14 +100,8 @@ def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
             names = [f"bench/kc-{i}" for i in range(50)]
             for n in names:
                 c.store(n, "k" * 40)
-            for label, fn in (("keyring_get_password_per_s", lambda n: kr.get_password("homeagent", n)),
-                              ("secretsd_sync_client_per_s", lambda n: c.retrieve(n))):
-                k = 0
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < secs:
-                    fn(names[k % 50])
-                    k += 1
-                out[label] = round(k / (time.perf_counter() - t0), 1)
+            out["keyring_get_password_per_s"] = calls_per_s(lambda n: kr.get_password("homeagent", n), names, secs)
+            out["secretsd_sync_client_per_s"] = calls_per_s(c.retrieve, names, secs)
             reqfile = tmp / "kc.jsonl"
             reqfile.write_text("".join(json.dumps({"jsonrpc": "2.0", "id": i, "method": "retrieve",
                                                    "params": {"name": n}}) + "\n" for i, n in enumerate(names)))
@@ -136,17 +140,9 @@ def openbao_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
             for n in names:
                 c.store(n, "b" * 40)
             kv = hvac.Client(url=server.address, token=ROOT_TOKEN, timeout=5).secrets.kv.v2
-            for label, fn in (
-                ("hvac_direct_per_s", lambda n: kv.read_secret_version(
-                    "homeagent/" + n, mount_point="secret", raise_on_deleted_version=True)),
-                ("secretsd_sync_client_per_s", lambda n: c.retrieve(n)),
-            ):
-                k = 0
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < secs:
-                    fn(names[k % 50])
-                    k += 1
-                out[label] = round(k / (time.perf_counter() - t0), 1)
+            out["hvac_direct_per_s"] = calls_per_s(lambda n: kv.read_secret_version(
+                "homeagent/" + n, mount_point="secret", raise_on_deleted_version=True), names, secs)
+            out["secretsd_sync_client_per_s"] = calls_per_s(c.retrieve, names, secs)
             out["agent_overhead_us_per_call"] = round(
                 1e6 / out["secretsd_sync_client_per_s"] - 1e6 / out["hvac_direct_per_s"])
             reqfile = tmp / "bao.jsonl"
