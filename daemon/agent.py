@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -236,20 +236,13 @@ class Agent:
             if p.to == src.name:
                 return MigrateResult(src.name, 0, await self._remove_leftovers(p))
             dst = self.migration.make_backend(p.to)
-            await self._ready(dst, p.passphrase)
-            names = await src.list("")
-            for name in names:
-                record = await src.export(name)
-                if record is None:
-                    continue
-                await dst.import_(name, record)
-                copy = await dst.export(name)
-                if not (copy == record if dst.keeps_history else record.same_content(copy)):
-                    raise BackendUnavailableError(
-                        f"{name!r} did not read back the same from the {dst.name} backend; "
-                        "nothing was switched or removed: check that backend and retry"
-                    )
-                crash_point("migrate-copied-one")
+            try:
+                await self._ready(dst, p.passphrase)
+                names = await self._copy_all(src, dst)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await dst.close()  # wipes its key: the source stays the one in use
+                raise
             crash_point("migrate-before-switch")
             await anyio.to_thread.run_sync(self.migration.record_choice, dst.name)
             self.backend = dst
@@ -266,6 +259,24 @@ class Agent:
             await src.close()
             self.on_change()
             return MigrateResult(dst.name, len(names), removed)
+
+    @staticmethod
+    async def _copy_all(src: Backend, dst: Backend) -> Sequence[str]:
+        """Copy every secret from ``src`` to ``dst`` and read each back; the names copied."""
+        names = await src.list("")
+        for name in names:
+            record = await src.export(name)
+            if record is None:
+                continue
+            await dst.import_(name, record)
+            copy = await dst.export(name)
+            if not (copy == record if dst.keeps_history else record.same_content(copy)):
+                raise BackendUnavailableError(
+                    f"{name!r} did not read back the same from the {dst.name} backend; "
+                    "nothing was switched or removed: check that backend and retry"
+                )
+            crash_point("migrate-copied-one")
+        return names
 
     async def _remove_leftovers(self, p: MigrateParams) -> int:
         """After an interrupted migration: drop copies the other backend still holds."""

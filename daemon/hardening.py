@@ -17,7 +17,6 @@ import resource
 log = logging.getLogger(__name__)
 
 PR_SET_DUMPABLE = 4
-PR_GET_DUMPABLE = 3
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -34,10 +33,6 @@ def harden_process() -> None:
     if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(err))
-
-
-def is_dumpable() -> bool:
-    return bool(_libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
 def _address(buf: bytearray) -> int:

@@ -134,7 +134,7 @@ async def run(cfg: Config) -> None:
                 if cfg.lock_after > 0 or cfg.max_unlocked > 0:
                     if not backend.has_passphrase:
                         log.warning("--lock-after/--max-unlocked do not apply to the %s backend: "
-                                    "the OS keychain locks itself", backend.name)
+                                    "it has no agent passphrase to lock", backend.name)
                     tg.start_soon(auto_lock, agent, cfg.lock_after, cfg.max_unlocked)
                 log.info(
                     "secretsd %s serving on %s (backend %s, %s)",
@@ -151,7 +151,7 @@ async def run(cfg: Config) -> None:
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await backend.close()
+            await agent.backend.close()  # the one in use: a migration may have switched it
         bound.remove()
         notifier.close()
         log.info("stopped; data key wiped")

@@ -17,7 +17,6 @@ Run on its own:  python -m tests.crash_harness --kills 2000
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import signal

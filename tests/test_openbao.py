@@ -13,7 +13,6 @@ from homeagent_secrets.daemon.openbao import OpenBaoBackend, OpenBaoSettings
 from homeagent_secrets.protocol.errors import (
     BackendUnavailableError,
     ConflictError,
-    LockedError,
     SecretsError,
 )
 from homeagent_secrets.protocol.secret import Secret
