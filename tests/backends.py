@@ -5,8 +5,8 @@ Adding a backend to the suite is adding one entry here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +27,16 @@ async def file_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
         await b.close()
 
 
-@contextmanager
-def _keyring_env(tmp: Path, request: Any) -> Iterator[None]:
+@asynccontextmanager
+async def _on_gnome_keyring(tmp: Path, request: Any, store_factory: Callable[[], Any]) -> AsyncIterator[Backend]:
+    from homeagent_secrets.daemon.keychain import KeychainBackend
+
     from .keyringd import gnome_keyring
 
     mp = request.getfixturevalue("monkeypatch")
     with gnome_keyring(tmp) as env:
         mp.setenv("DBUS_SESSION_BUS_ADDRESS", env["DBUS_SESSION_BUS_ADDRESS"])
-        yield
-
-
-@asynccontextmanager
-async def keychain_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
-    """The Secret Service store (kept-open connection) on a real GNOME Keyring."""
-    from homeagent_secrets.daemon.keychain import KeychainBackend, SecretServiceStore
-
-    with _keyring_env(tmp, request):
-        b = KeychainBackend(SecretServiceStore)
+        b = KeychainBackend(store_factory)
         await b.open()
         try:
             yield b
@@ -51,19 +44,20 @@ async def keychain_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
             await b.close()
 
 
-@asynccontextmanager
-async def keychain_keyring_api_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
+def keychain_backend(tmp: Path, request: Any) -> Any:
+    """The Secret Service store (kept-open connection) on a real GNOME Keyring."""
+    from homeagent_secrets.daemon.keychain import SecretServiceStore
+
+    return _on_gnome_keyring(tmp, request, SecretServiceStore)
+
+
+def keychain_keyring_api_backend(tmp: Path, request: Any) -> Any:
     """The generic keyring-API store (what macOS/Windows use) on the same real keyring."""
-    from homeagent_secrets.daemon.keychain import KeychainBackend, KeyringStore
     from keyring.backends.SecretService import Keyring
 
-    with _keyring_env(tmp, request):
-        b = KeychainBackend(lambda: KeyringStore(Keyring()))
-        await b.open()
-        try:
-            yield b
-        finally:
-            await b.close()
+    from homeagent_secrets.daemon.keychain import KeyringStore
+
+    return _on_gnome_keyring(tmp, request, lambda: KeyringStore(Keyring()))
 
 
 @asynccontextmanager
