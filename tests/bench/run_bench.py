@@ -734,8 +734,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "backends" in parts:
             log("keychain and OpenBao backends")
             bsecs = min(secs, 2.0)
-            report["keychain"] = keychain_bench(tmp, b, procs, bsecs, 3)
-            report["openbao"] = openbao_bench(tmp, b, procs, bsecs, 3)
+            for name, bench in (("keychain", keychain_bench), ("openbao", openbao_bench)):
+                try:
+                    report[name] = bench(tmp, b, procs, bsecs, 3)
+                except Exception as exc:  # noqa: BLE001 (an optional service must not lose the run)
+                    report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                    log(f"  {name}: {report[name]['error']}")
         report["targets"] = targets(report)
     finally:
         procs.stop_all()

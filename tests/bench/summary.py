@@ -60,7 +60,7 @@ def markdown(report: dict[str, Any]) -> str:
          "| CPU/req ratio secretsd/echo | echo p99 µs | secretsd p99 µs |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for p in report["retrieve_vs_echo"]:
+    for p in report.get("retrieve_vs_echo", []):
         e, s = p["summary"]["echo"], p["summary"]["secretsd"]
         lines.append(
             f"| {p['conns']} conn{'s' if p['conns'] > 1 else ''} ({_pairs(p['summary'])}) "
@@ -97,6 +97,25 @@ def markdown(report: dict[str, Any]) -> str:
                      f"| {cell(g['secretsctl_ms'], 1)} / {cell(g['python_pass_ms'], 1)}: "
                      f"ratio {cell(g['ratio_entry_point'], 2)} (`python -m`: "
                      f"{cell(g['python_m_ms'], 1)}) | ≤ 2× |")
+    k = report.get("keychain")
+    if k and "keyring_get_password_per_s" in k:
+        lines.append(f"| keychain backend (GNOME Keyring): blocking client through secretsd vs "
+                     f"plain `keyring.get_password`, calls/s | {cell(k['secretsd_sync_client_per_s'], 1)}"
+                     f" vs {cell(k['keyring_get_password_per_s'], 1)}: "
+                     f"{k['ratio_sync_client_vs_keyring']}× (medians); 8 conns "
+                     f"{k['secretsd_8conns']['ops_per_s']:,.0f}/s, p99 "
+                     f"{k['secretsd_8conns']['p99_us'] / 1000:.1f} ms | — |")
+    o = report.get("openbao")
+    if o and "hvac_direct_per_s" in o:
+        lines.append(f"| OpenBao backend (dev server): blocking client through secretsd vs a direct "
+                     f"`hvac` loop, calls/s | {cell(o['secretsd_sync_client_per_s'], 1)} vs "
+                     f"{cell(o['hvac_direct_per_s'], 1)}: {o['agent_overhead_us_per_call']} µs added "
+                     f"per call (medians); 8 / 32 conns {o['secretsd_8conns']['ops_per_s']:,.0f} / "
+                     f"{o['secretsd_32conns']['ops_per_s']:,.0f}/s | — |")
+    for name in ("keychain", "openbao"):
+        part = report.get(name) or {}
+        if "skipped" in part or "error" in part:
+            lines.append(f"| {name} backend | {part.get('skipped') or part.get('error')} | — |")
     t = report.get("targets")
     if t:
         lines += ["", "| target | median | limit | met |", "|---|---|---|---|"]
