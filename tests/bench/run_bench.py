@@ -111,6 +111,15 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the cleanup below, like Ctrl-C
 
 
+def _commit() -> str:
+    """The checked-out commit, with ``+dirty`` when the work tree has changes."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(HERE), *cmd], capture_output=True, text=True,
+                              check=False).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+dirty" if head and git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def build_loadgen(out: Path) -> Path:
     exe = out / "loadgen"
     subprocess.run(["cc", "-O2", "-o", str(exe), str(HERE / "loadgen.c")], check=True)
@@ -682,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs = Processes()
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": _commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {**machine(), "python": sys.version.split()[0]},
     }
