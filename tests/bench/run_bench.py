@@ -204,6 +204,8 @@ class Bench:
         wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         raw = json.loads(out)
+        if not raw["responses"]:
+            raise RuntimeError(f"no answers from {sock.name} in the measured window: {err.strip()}")
         r: dict[str, Any] = {k: raw[k] for k in LOADGEN_FIELDS}
         r["loadgen_cpus"] = round((ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall, 3)
         if window:
