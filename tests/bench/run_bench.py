@@ -65,7 +65,9 @@ class Pinning:
 
     ``split``: servers on ``server_cpu``, load generator (and this script, and
     the clients it runs) on ``client_cpu``, so they never take turns on one
-    core. ``none``: the scheduler places everything.
+    core. ``same``: servers and load generator all on ``server_cpu``, taking
+    turns (each answer costs a switch to the load generator and back).
+    ``none``: the scheduler places everything.
     """
 
     mode: str
@@ -73,10 +75,11 @@ class Pinning:
     client_cpu: int
 
     def server(self, cmd: list[str]) -> list[str]:
-        return ["taskset", "-c", str(self.server_cpu), *cmd] if self.mode == "split" else cmd
+        return cmd if self.mode == "none" else ["taskset", "-c", str(self.server_cpu), *cmd]
 
     def client(self, cmd: list[str]) -> list[str]:
-        return ["taskset", "-c", str(self.client_cpu), *cmd] if self.mode == "split" else cmd
+        cpu = self.server_cpu if self.mode == "same" else self.client_cpu
+        return cmd if self.mode == "none" else ["taskset", "-c", str(cpu), *cmd]
 
 
 class Processes:
@@ -644,10 +647,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=None,
                     help="load-generator warm-up before that (default 0.5 s; --quick 0.3)")
     ap.add_argument("--points", default=",".join(map(str, POINTS)), help="connection counts, e.g. 1,8,32")
-    ap.add_argument("--pin", choices=("split", "none"), default="none",
+    ap.add_argument("--pin", choices=("none", "split", "same"), default="none",
                     help="none (default): the scheduler places everything; split: servers on "
-                         "--server-cpu, load generator and clients on --client-cpu. "
-                         "tests/bench/README.md has the measurements behind the default")
+                         "--server-cpu, load generator and clients on --client-cpu; same: all on "
+                         "--server-cpu, taking turns. tests/bench/README.md has the measurements")
     ap.add_argument("--server-cpu", type=int, default=None, help="default: the last CPU")
     ap.add_argument("--client-cpu", type=int, default=0)
     ap.add_argument("--max-others", type=float, default=0.1,
@@ -707,9 +710,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "WARNING"]), agent_sock)
         clock = best_cpu_clock(agent.pid)
         report["settings"] = {"rounds": args.rounds, "seconds": secs, "warmup": warm,
-                              "pin": f"{pin.mode}" + (f" (servers on CPU {pin.server_cpu}, load "
-                                                      f"generator and clients on CPU {pin.client_cpu})"
-                                                      if pin.mode == "split" else ""),
+                              "pin": pin.mode + {
+                                  "split": f" (servers on CPU {pin.server_cpu}, load generator "
+                                           f"and clients on CPU {pin.client_cpu})",
+                                  "same": f" (servers and load generator on CPU {pin.server_cpu})",
+                              }.get(pin.mode, ""),
                               "cpu_clock": clock, "quick": args.quick,
                               "max_others_cpus": args.max_others}
         with SecretsClient(agent_sock, timeout=120) as client:
