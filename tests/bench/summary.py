@@ -37,7 +37,8 @@ def cell(s: dict[str, Any], digits: int = 0, unit: str = "") -> str:
 
 
 def _pairs(s: dict[str, Any]) -> str:
-    text = f"{s['pairs_undisturbed']} pairs"
+    n = s["pairs_undisturbed"]
+    text = f"{n} pair{'' if n == 1 else 's'}"
     if s["pairs_disturbed"]:
         text += f" + {s['pairs_disturbed']} disturbed"
         text += ", all counted: **machine busy**" if s["over"].startswith("all") else " left out"
