@@ -1,8 +1,10 @@
 """One-command benchmark of secretsd against the echo server, with medians and spreads.
 
-Every retrieve point alternates the echo server and secretsd ``--rounds`` times
-(the order flips every round) and records, per round and per server, the load
-generator's ops/s, p50 and p99, and the server's CPU time per answered request.
+Every retrieve point alternates the echo server and secretsd in ``--rounds``
+undisturbed pairs (the order flips every pair; a pair during which neighbours
+used more than ``--max-others`` CPUs is kept aside and run again) and records,
+per pair and per server, the load generator's ops/s, p50 and p99, and the
+server's CPU time per answered request.
 CPU per request is the figure that survives a noisy shared machine: a
 neighbour that takes a core lowers both servers' throughput, but hardly what
 each answer costs. Ratios are computed within each alternation pair, then
