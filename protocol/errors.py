@@ -99,6 +99,14 @@ class TooManyConnectionsError(BackendUnavailableError):
     default_message = "the agent has too many open connections; close idle clients and retry"
 
 
+class MigrationInProgressError(BackendUnavailableError):
+    """A write arrived while ``migrate`` copies the store; nothing was changed (retry)."""
+
+    default_message = (
+        "a migration to another backend is in progress: nothing was changed; retry when it ends"
+    )
+
+
 class ValueTooLargeError(SecretsError):
     code = -32007
     default_message = "the secret value is too large"
@@ -121,6 +129,12 @@ class AgentUnreachableError(SecretsError):
 
     code = -32099
     default_message = "cannot reach secretsd: start it with `secretsd`"
+
+
+class UntrustedAgentError(AgentUnreachableError):
+    """Client side only: the process behind the socket is not one the client may trust."""
+
+    default_message = "the socket is served by another user's process: refusing to talk to it"
 
 
 _BY_CODE: dict[int, type[SecretsError]] = {

@@ -38,7 +38,7 @@ class FrameSplitter:
         if self._partial:
             self._partial += data
             data = bytes(self._partial)
-            self._partial.clear()
+            self.wipe()
         *lines, rest = data.split(b"\n")
         frames: list[bytes] = []
         for line in lines:
@@ -54,3 +54,8 @@ class FrameSplitter:
         elif rest:
             self._partial += rest
         return frames
+
+    def wipe(self) -> None:
+        """Zero and drop the incomplete message held (it may carry a passphrase)."""
+        self._partial[:] = bytes(len(self._partial))
+        self._partial.clear()
