@@ -1,4 +1,5 @@
-"""The agent's Unix socket: created 0600 from its first instant, never stolen.
+"""The agent's Unix socket: created 0600 from its first instant, never stolen,
+in a directory no other user controls.
 
 Also adopts a socket passed by systemd socket activation (LISTEN_FDS).
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from homeagent_secrets.protocol.errors import SecretsError
 
+from .backends.atomicfile import make_private_dirs
+
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
@@ -29,6 +32,17 @@ class BoundSocket:
     sock: socket.socket
     path: Path | None  # set when this process created the socket file (and so removes it)
     inode: tuple[int, int] | None = None
+
+    def name(self) -> str:
+        """Where clients reach this socket, for log lines and the home lock."""
+        try:
+            where = self.sock.getsockname()
+        except OSError:
+            where = ""
+        where = where if isinstance(where, str) else ""
+        if self.path is None:  # inherited
+            return f"{where} (the socket passed by systemd)" if where else "the socket passed by systemd"
+        return where or str(self.path)
 
     def remove(self) -> None:
         """Unlink the socket file if it is still the one this process made."""
@@ -58,13 +72,37 @@ def _live_agent_at(path: Path) -> bool:
         probe.close()
 
 
+def check_socket_dir(parent: Path) -> None:
+    """Refuse a socket directory another user could use to swap in an impostor socket."""
+    try:
+        st = os.stat(parent)
+    except OSError as exc:
+        raise ListenerError(f"cannot use the socket directory {parent}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ListenerError(f"{parent} is not a directory: pick another --socket")
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise ListenerError(
+            f"refusing the socket directory {parent}: it belongs to uid {st.st_uid}, not to this "
+            f"agent's user (uid {me}), who could swap in an impostor socket and receive "
+            "passphrases; remove it, or use a directory of your own (--socket)")
+    if st.st_mode & 0o022:
+        raise ListenerError(
+            f"refusing the socket directory {parent}: its mode {stat.S_IMODE(st.st_mode):04o} lets "
+            "other users create files there (an impostor socket); chmod go-w it, or use a "
+            "directory of your own (--socket)")
+
+
 def bind_unix(path: Path, backlog: int = 512) -> BoundSocket:
     """Create the listening socket at ``path`` with mode 0600 (parent made 0700)."""
     if len(os.fsencode(path)) >= 108:
         raise ListenerError(f"socket path {path} is longer than the 107 bytes AF_UNIX allows")
     parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True)
+    try:
+        make_private_dirs(parent)
+    except OSError as exc:
+        raise ListenerError(f"cannot create the socket directory {parent}: {exc.strerror}") from None
+    check_socket_dir(parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from homeagent_secrets.daemon.backend import Backend
+from homeagent_secrets.daemon.backends.base import Backend
 from homeagent_secrets.protocol.errors import NotFoundError
 from homeagent_secrets.protocol.secret import Secret
 
@@ -121,7 +121,7 @@ async def test_count_matches_list(backend: Backend) -> None:
 
 
 async def test_export_import_round_trip_keeps_everything(backend: Backend) -> None:
-    from homeagent_secrets.daemon.backend import RecordExport
+    from homeagent_secrets.daemon.backends.base import RecordExport
 
     await backend.store("m/x", Secret("one"), "device")
     await backend.rotate("m/x", Secret("two"))

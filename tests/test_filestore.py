@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from homeagent_secrets.daemon import datakey, records
-from homeagent_secrets.daemon.datakey import KdfParams
-from homeagent_secrets.daemon.filestore import WRAPPED_KEY_FILE, FileBackend
+from homeagent_secrets.daemon.backends import datakey, records
+from homeagent_secrets.daemon.backends.datakey import KdfParams
+from homeagent_secrets.daemon.backends.files import WRAPPED_KEY_FILE, FileBackend
 from homeagent_secrets.protocol.errors import (
     AlreadyInitializedError,
     CorruptRecordError,
@@ -178,10 +178,11 @@ async def test_tampered_record_fails_with_its_file_named_and_others_work(tmp_pat
     assert got is not None and got.value == Secret("b")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "meta-bit", "garbage", "empty"])
-async def test_damaged_record_is_skipped_at_unlock_and_logged(
+@pytest.mark.parametrize("damage", ["truncate", "meta-bit", "value-bit", "garbage", "empty"])
+async def test_a_damaged_record_is_an_error_never_an_absent_secret(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """One flipped bit must not make a secret vanish and let the next store replace it."""
     b = await make(tmp_path)
     await b.store("victim", Secret("v"), None)
     await b.store("ok", Secret("fine"), None)
@@ -191,16 +192,33 @@ async def test_damaged_record_is_skipped_at_unlock_and_logged(
     mutated = {
         "truncate": data[:30],
         "meta-bit": data[:20] + bytes([data[20] ^ 0x80]) + data[21:],
+        "value-bit": data[:-5] + bytes([data[-5] ^ 0x01]) + data[-4:],
         "garbage": os.urandom(len(data)),
         "empty": b"",
     }[damage]
     path.write_bytes(mutated)
     await b.lock()
     await b.unlock(PW)
-    assert await b.list("") == ["ok"]
+    for attempt in (b.retrieve("victim"), b.store("victim", Secret("new"), None),
+                    b.rotate("victim", Secret("new")), b.delete("victim")):
+        with pytest.raises(CorruptRecordError, match=fid) as err:
+            await attempt
+        assert "rm --force" in err.value.message and "Secret" not in err.value.message
+    if damage != "value-bit":  # metadata unreadable: the name is known only when asked for
+        with pytest.raises(CorruptRecordError, match=fid):
+            await b.describe("victim")
+        assert await b.list("") == ["ok"]
+    assert path.read_bytes() == mutated  # nothing overwrote the damaged file
+    assert [d.file for d in b.damaged()] == [fid + records.SUFFIX]
     assert fid in caplog.text
-    got = await b.retrieve("ok")
+    got = await b.retrieve("ok")  # the others keep working
     assert got is not None and got.value == Secret("fine")
+    assert await b.store("other", Secret("o"), None) == 1
+    # the operator removes it; then the name is free again
+    assert await b.delete("victim", force=True) is True
+    assert not path.exists() and b.damaged() == []
+    assert await b.retrieve("victim") is None
+    assert await b.store("victim", Secret("again"), None) == 1
 
 
 async def test_record_copied_over_another_name_fails_authentication(tmp_path: Path) -> None:
@@ -212,7 +230,10 @@ async def test_record_copied_over_another_name_fails_authentication(tmp_path: Pa
     await b.lock()
     await b.unlock(PW)
     assert await b.list("") == ["a"]  # b's file now fails: never returns a's value under b
-    assert await b.retrieve("b") is None
+    with pytest.raises(CorruptRecordError, match=fb.name):
+        await b.retrieve("b")
+    got = await b.retrieve("a")
+    assert got is not None and got.value == Secret("value-a")
 
 
 async def test_old_version_put_back_while_running_is_detected(tmp_path: Path) -> None:

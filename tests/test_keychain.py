@@ -12,13 +12,8 @@ from pathlib import Path
 
 import pytest
 from homeagent_secrets.client import SecretsClient
-from homeagent_secrets.daemon.keychain import (
-    INDEX,
-    STATE_PREFIX,
-    KeychainBackend,
-    SecretServiceStore,
-    Store,
-)
+from homeagent_secrets.daemon.backends.keychain import INDEX, STATE_PREFIX, KeychainBackend
+from homeagent_secrets.daemon.backends.keychain_store import SecretServiceStore, Store
 from homeagent_secrets.protocol.errors import (
     BackendUnavailableError,
     LockedError,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from homeagent_secrets.client import SecretsClient
-from homeagent_secrets.daemon.openbao import OpenBaoBackend, OpenBaoSettings
+from homeagent_secrets.daemon.backends.openbao import OpenBaoBackend
 from homeagent_secrets.protocol.errors import (
     BackendUnavailableError,
     ConflictError,
@@ -17,7 +17,7 @@ from homeagent_secrets.protocol.errors import (
 )
 from homeagent_secrets.protocol.secret import Secret
 
-from .baoserver import ROOT_TOKEN, DevServer, dev_server, raft_cluster
+from .baoserver import ROOT_TOKEN, DevServer, bao_settings, dev_server, raft_cluster
 from .conftest import Daemon
 
 pytestmark = pytest.mark.anyio
@@ -68,14 +68,14 @@ def test_values_are_at_the_documented_path_for_any_hvac_client(bao_dev: DevServe
 
 
 async def test_rotate_is_check_and_set_between_two_agents(bao_dev: DevServer, short_tmp: Path) -> None:
-    settings = OpenBaoSettings(addresses=(bao_dev.address,), token_file=str(token_file(short_tmp)),
-                               prefix="cas-test/")
+    settings = bao_settings(address=bao_dev.address, token_file=str(token_file(short_tmp)),
+                            prefix="cas-test/")
     a, b = OpenBaoBackend(settings), OpenBaoBackend(settings)
     await a.store("shared/token", Secret("v1"), "provider")
-    seen_by_a = await a.current_version("shared/token")
-    assert await b.rotate("shared/token", Secret("from-b")) == 2  # b wins the race
-    with pytest.raises(ConflictError, match="nothing was overwritten"):
-        await a.write_if_version("shared/token", Secret("from-a"), seen_by_a)  # type: ignore[arg-type]
+    seen_by_a = await a._head("shared/token")  # a reads the version, as its rotate does...
+    assert await b.rotate("shared/token", Secret("from-b")) == 2  # ...b wins the race...
+    with pytest.raises(ConflictError, match="nothing was overwritten"):  # ...a's write is refused
+        await a._put("shared/token", Secret("from-a"), None, seen_by_a)
     got = await a.retrieve("shared/token")
     assert got is not None and got.value == Secret("from-b")
     assert await a.rotate("shared/token", Secret("from-a")) == 3  # read again, retry: fine
@@ -153,8 +153,8 @@ def test_sealed_server_is_locked(short_tmp: Path) -> None:
 async def test_unreachable_everywhere_is_minus_32006(short_tmp: Path) -> None:
     from .baoserver import free_port
 
-    b = OpenBaoBackend(OpenBaoSettings(addresses=(f"http://127.0.0.1:{free_port()}",),
-                                       token_file=str(token_file(short_tmp)), timeout=1))
+    b = OpenBaoBackend(bao_settings(address=f"http://127.0.0.1:{free_port()}",
+                                    token_file=str(token_file(short_tmp)), timeout=1))
     with pytest.raises(BackendUnavailableError, match="unreachable"):
         await b.retrieve("x")
 
@@ -170,19 +170,19 @@ async def test_approle_login_and_token_renewal(bao_dev: DevServer, short_tmp: Pa
     secret_id = admin.auth.approle.generate_secret_id("homeagent")["data"]["secret_id"]
     sid = short_tmp / "secret-id"
     sid.write_text(secret_id)
-    b = OpenBaoBackend(OpenBaoSettings(addresses=(bao_dev.address,), prefix="approle-test/",
+    b = OpenBaoBackend(bao_settings(address=bao_dev.address, prefix="approle-test/",
                                        approle_role_id=role_id, approle_secret_id_file=str(sid)))
     await b.store("x", Secret("1"), None)
-    first = b._auth.token
+    first = b.client._auth.token
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline:  # beyond the 3 s TTL: renewed (or re-logged-in) as it goes
         got = await b.retrieve("x")
         assert got is not None and got.value == Secret("1")
         time.sleep(0.5)
-    assert b._auth.expires is not None and b._auth.expires > time.monotonic()
+    assert b.client._auth.expires is not None and b.client._auth.expires > time.monotonic()
     admin.auth.token.revoke(first)  # revoked behind its back: AppRole logs in again
     got = await b.retrieve("x")
-    assert got is not None and b._auth.token != first
+    assert got is not None and b.client._auth.token != first
 
 
 def test_raft_cluster_survives_the_leader_being_killed(short_tmp: Path, record_property) -> None:  # type: ignore[no-untyped-def]
@@ -290,7 +290,7 @@ async def test_token_from_a_systemd_credential_never_in_argv_or_logs(
     creds.mkdir(mode=0o700)
     (creds / "bao-token").write_text(ROOT_TOKEN)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    b = OpenBaoBackend(OpenBaoSettings(addresses=(bao_dev.address,), token_credential="bao-token",
+    b = OpenBaoBackend(bao_settings(address=bao_dev.address, token_credential="bao-token",
                                        prefix="cred-test/"))
     caplog.set_level("DEBUG")
     await b.open()

@@ -1,4 +1,5 @@
-"""Crash-safe file replacement and the errors it reports.
+"""Crash-safe file replacement, careful reads and private directories, and the
+errors they report.
 
 A write is: temp file in the same directory (O_EXCL, 0600), write, fsync,
 rename over the target, fsync the directory. A crash at any instant leaves
@@ -10,12 +11,16 @@ success (the page cache no longer holds the data that failed).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Final
 
-from homeagent_secrets.protocol.errors import BackendUnavailableError
+from homeagent_secrets.protocol.errors import BackendUnavailableError, CorruptRecordError
+
+log = logging.getLogger(__name__)
 
 TEMP_PREFIX: Final = ".tmp-"
 
@@ -110,3 +115,68 @@ def remove_stale_temps(directory: Path) -> int:
             except OSError:
                 pass
     return removed
+
+
+def read_regular(path: Path | str, limit: int, what: str, dir_fd: int | None = None) -> bytes:
+    """The contents of a regular file of at most ``limit`` bytes.
+
+    Opened with O_NOFOLLOW|O_NONBLOCK, so a symlink, a FIFO or a device put in
+    its place never hangs or misleads the daemon: anything but a regular file,
+    or a larger one, is a CorruptRecordError naming the file.
+    FileNotFoundError passes through; other OS errors name their cause.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptRecordError(f"{what} {path} is a symbolic link; move it away") from None
+        raise describe_os_error(exc, f"read {what} {path}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptRecordError(f"{what} {path} is not a regular file; move it away")
+        if st.st_size > limit:
+            raise CorruptRecordError(
+                f"{what} {path} is {st.st_size} bytes, over the {limit}-byte limit; move it away")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise CorruptRecordError(f"{what} {path} grew over the {limit}-byte limit; move it away")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise describe_os_error(exc, f"read {what} {path}") from None
+    finally:
+        os.close(fd)
+
+
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents 0700 whatever the umask."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)  # mkdir's mode passes through the umask (0777 would make it 0000)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` 0700, or tighten it (with a warning) when found looser."""
+    make_private_dirs(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("directory %s had mode %o; tightened to 0700", path, mode)
+        path.chmod(0o700)

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from homeagent_secrets.protocol.errors import CorruptRecordError, WrongPassphraseError
 from homeagent_secrets.protocol.secret import Secret
 
-from .hardening import mlock, munlock
+from ..hardening import mlock, munlock
+from ..wipe import wipe_bytes
 
 MAGIC: Final = b"HASK"
 FORMAT_VERSION: Final = 1
@@ -29,7 +30,12 @@ DEFAULT_LOG2_N: Final = 17  # N = 2^17: 128 MiB, ~0.3-0.5 s on a small CPU
 DEFAULT_R: Final = 8
 DEFAULT_P: Final = 1
 MIN_LOG2_N: Final = 10
-MAX_LOG2_N: Final = 22  # refuse headers that would ask for 4 GiB+ of scrypt memory
+MAX_LOG2_N: Final = 22  # the largest N this agent writes (--scrypt-n)
+# What unlock agrees to compute, checked before deriving: the most this agent
+# writes (N = 2^22 at r = 8, p = 1) with room for p up to 4 at lower N. A
+# hostile header asking for more is refused instead of exhausting memory or time.
+MAX_KDF_MEMORY: Final = 128 * (1 << MAX_LOG2_N) * DEFAULT_R  # bytes: 128·N·r = 4 GiB
+MAX_KDF_WORK: Final = (1 << MAX_LOG2_N) * DEFAULT_R  # N·r·p
 KEY_BYTES: Final = 32
 SALT_BYTES: Final = 16
 NONCE_BYTES: Final = 12
@@ -47,6 +53,16 @@ class KdfParams:
     r: int = DEFAULT_R
     p: int = DEFAULT_P
 
+    @property
+    def memory(self) -> int:
+        """Bytes scrypt needs: 128·N·r."""
+        return 128 * (1 << self.log2_n) * self.r
+
+    @property
+    def work(self) -> int:
+        """scrypt's time cost in units of one BlockMix: N·r·p."""
+        return (1 << self.log2_n) * self.r * self.p
+
     def check(self) -> None:
         """Refuse parameters outside what this agent agrees to compute."""
         if not MIN_LOG2_N <= self.log2_n <= MAX_LOG2_N:
@@ -54,15 +70,22 @@ class KdfParams:
                 f"scrypt N=2^{self.log2_n} is outside 2^{MIN_LOG2_N}..2^{MAX_LOG2_N}: "
                 "the wrapped-key file is damaged or not ours"
             )
-        if not (1 <= self.r <= 32 and 1 <= self.p <= 16):
+        if self.r < 1 or self.p < 1 or self.memory > MAX_KDF_MEMORY or self.work > MAX_KDF_WORK:
             raise CorruptRecordError(
-                f"scrypt r={self.r} p={self.p} out of range: the wrapped-key file is damaged"
+                f"scrypt N=2^{self.log2_n} r={self.r} p={self.p} asks for {self.memory >> 20} MiB "
+                f"and {self.work} units of work; this agent computes at most "
+                f"{MAX_KDF_MEMORY >> 20} MiB and {MAX_KDF_WORK}: the wrapped-key file is damaged "
+                "or not ours"
             )
 
 
 def _derive_kek(passphrase: Secret, salt: bytes, params: KdfParams) -> bytearray:
     kdf = Scrypt(salt=salt, length=KEY_BYTES, n=1 << params.log2_n, r=params.r, p=params.p)
-    return bytearray(kdf.derive(passphrase.reveal().encode("utf-8")))
+    secret = passphrase.reveal().encode("utf-8")  # UTF-8 as typed, no normalization (FORMAT.md)
+    try:
+        return bytearray(kdf.derive(secret))
+    finally:
+        wipe_bytes(secret)
 
 
 def _wipe(buf: bytearray) -> None:

@@ -44,6 +44,14 @@ class Values(msgspec.Struct, array_like=True, frozen=True):
     previous: str | None
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_record_name(fname: str) -> bool:
+    """Whether ``fname`` is a record file's name: 64 lowercase hex digits and ``.rec``."""
+    return len(fname) == 68 and fname.endswith(SUFFIX) and _HEX.issuperset(fname[:64])
+
+
 _meta_enc = msgspec.msgpack.Encoder()
 _meta_dec = msgspec.msgpack.Decoder(Meta)
 _values_dec = msgspec.msgpack.Decoder(Values)
@@ -71,8 +79,7 @@ def read_header(blob: bytes, file_id: str) -> tuple[int, int]:
     """(record version, meta section length) after checking magic and format."""
     if len(blob) < HEADER_BYTES + 2 * (NONCE_BYTES + TAG_BYTES) or blob[:4] != MAGIC:
         raise CorruptRecordError(
-            f"record {file_id}{SUFFIX} is truncated or not a homeagent record; "
-            "restore it from a backup or delete it"
+            f"record {file_id}{SUFFIX} is truncated or not a homeagent record"
         )
     _magic, fmt, version, meta_len = _HEADER.unpack_from(blob)
     if fmt != FORMAT_VERSION:
@@ -80,7 +87,7 @@ def read_header(blob: bytes, file_id: str) -> tuple[int, int]:
             f"record {file_id}{SUFFIX} has format version {fmt}; this agent reads {FORMAT_VERSION}"
         )
     if meta_len < NONCE_BYTES + TAG_BYTES or HEADER_BYTES + meta_len > len(blob) - NONCE_BYTES - TAG_BYTES:
-        raise CorruptRecordError(f"record {file_id}{SUFFIX} is truncated; restore it or delete it")
+        raise CorruptRecordError(f"record {file_id}{SUFFIX} is truncated")
     return version, meta_len
 
 
@@ -96,7 +103,7 @@ def open_meta(aead: AESGCM, blob: bytes, file_id: str) -> tuple[int, Meta]:
     except InvalidTag:
         raise CorruptRecordError(
             f"record {file_id}{SUFFIX} failed authentication of its metadata (tampered, "
-            "truncated or copied from another name); restore it or delete it"
+            "truncated or copied from another name)"
         ) from None
     try:
         return version, _meta_dec.decode(pt)
@@ -139,8 +146,8 @@ def open_sealed(aead: AESGCM, sealed: SealedValues) -> Values:
         pt = aead.decrypt(sealed.nonce, sealed.ciphertext, sealed.ad)
     except InvalidTag:
         raise CorruptRecordError(
-            f"record {sealed.file_id}{SUFFIX} failed authentication (tampered, truncated, copied "
-            "from another name or put back from an older version); restore it or delete it"
+            f"record {sealed.file_id}{SUFFIX} failed authentication of its values (tampered, "
+            "truncated, copied from another name or put back from an older version)"
         ) from None
     try:
         return _values_dec.decode(pt)
