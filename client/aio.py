@@ -6,26 +6,32 @@ so use ``async with``) hands each reply to the call waiting for it.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TypeVar
 
 import anyio
 import anyio.abc
-from homeagent_secrets.protocol.errors import AgentUnreachableError, SecretsError
+from homeagent_secrets.protocol import messages as m
+from homeagent_secrets.protocol.errors import AgentUnreachableError, InvalidParams, SecretsError
 from homeagent_secrets.protocol.messages import (
     DescribeResult,
+    Method,
     MigrateResult,
     Params,
     SecretResult,
     StatusResult,
 )
-from homeagent_secrets.protocol.paths import default_socket_path
+from homeagent_secrets.protocol.names import BackendName, Kind
 from homeagent_secrets.protocol.rpc import ClientProtocol, Reply
 from homeagent_secrets.protocol.secret import Secret
 
-from . import calls
-from .sync import unreachable
+from . import connect
+from .connect import as_secret
+
+P = TypeVar("P", bound=Params)
+R = TypeVar("R")
 
 
 class _Waiter:
@@ -37,12 +43,13 @@ class _Waiter:
 
 
 class _Connection:
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self.stream = stream
         self.proto = ClientProtocol()
         self.waiters: dict[int, _Waiter] = {}
         self.send_lock = anyio.Lock()
         self.open = True
+        self.error: SecretsError | None = None  # an id-null error that closed it
 
     def fail_all(self) -> None:
         self.open = False
@@ -58,10 +65,10 @@ class AsyncSecretsClient:
         self,
         socket_path: str | Path | None = None,
         *,
-        timeout: float = calls.DEFAULT_TIMEOUT,
-        connect_timeout: float = calls.DEFAULT_CONNECT_TIMEOUT,
+        timeout: float = connect.DEFAULT_TIMEOUT,
+        connect_timeout: float = connect.DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        self.socket_path = connect.socket_path(socket_path)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._conn: _Connection | None = None
@@ -96,14 +103,14 @@ class AsyncSecretsClient:
             try:
                 with anyio.fail_after(self.connect_timeout):
                     stream = await anyio.connect_unix(self.socket_path)
-            except FileNotFoundError:
-                raise unreachable(self.socket_path, "no socket there") from None
-            except ConnectionRefusedError:
-                raise unreachable(self.socket_path, "nothing is listening (stale socket)") from None
-            except TimeoutError:
-                raise unreachable(self.socket_path, "connect timed out") from None
-            except OSError as exc:
-                raise unreachable(self.socket_path, exc.strerror or str(exc)) from None
+            except (OSError, TimeoutError) as exc:
+                raise connect.connect_error(self.socket_path, exc) from None
+            try:
+                raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                connect.check_server(raw, self.socket_path)
+            except BaseException:
+                await stream.aclose()
+                raise
             conn = self._conn = _Connection(stream)
             self._tg.start_soon(self._read, conn)
             return conn
@@ -113,23 +120,29 @@ class AsyncSecretsClient:
             while True:
                 data = await conn.stream.receive(65536)
                 for reply in conn.proto.receive_data(data):
-                    waiter = conn.waiters.pop(reply.id, None)  # type: ignore[arg-type]
+                    if reply.id is None and reply.error is not None:
+                        conn.error = reply.error  # about the connection: every call gets it
+                        return
+                    waiter = conn.waiters.pop(reply.id, None) if isinstance(reply.id, int) else None
                     if waiter is not None:
                         waiter.reply = reply
                         waiter.event.set()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, SecretsError):
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
+        except SecretsError as exc:
+            conn.error = exc
         finally:
             conn.fail_all()
             if self._conn is conn:
                 self._conn = None
 
-    async def call(self, method: str, params: Params, timeout: float | None = None) -> Any:
+    async def call(self, method: Method[P, R], params: P, timeout: float | None = None) -> R:
         """Send one request and return its typed result; raises SecretsError subclasses."""
         timeout = self.timeout if timeout is None else timeout
         for attempt in (0, 1):
             conn = await self._connection()
             id_, line = conn.proto.request(method, params)
+            connect.check_size(line, method)
             waiter = conn.waiters[id_] = _Waiter()
             try:
                 async with conn.send_lock:
@@ -137,23 +150,25 @@ class AsyncSecretsClient:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 conn.waiters.pop(id_, None)
                 conn.fail_all()
-                if attempt == 0:
+                if attempt == 0 and connect.may_resend(method, sent=False):
                     continue  # nothing reached the daemon: safe to send again
-                raise unreachable(self.socket_path, "the connection closed") from None
+                raise connect.unreachable(self.socket_path, "the connection closed") from None
             try:
                 with anyio.fail_after(timeout):
                     await waiter.event.wait()
             except TimeoutError:
                 conn.waiters.pop(id_, None)
                 raise AgentUnreachableError(
-                    f"secretsd did not answer {method} within {timeout:g} s; "
+                    f"secretsd did not answer {method.name} within {timeout:g} s; "
                     "check `secretsctl status` and the secretsd log"
                 ) from None
             reply = waiter.reply
             if reply is None:
-                if attempt == 0 and method in calls.IDEMPOTENT:
+                if conn.error is not None:
+                    raise conn.error
+                if attempt == 0 and connect.may_resend(method, sent=True):
                     continue
-                raise unreachable(
+                raise connect.unreachable(
                     self.socket_path,
                     "the connection closed during the call; the request may or may not have been applied",
                 )
@@ -165,44 +180,59 @@ class AsyncSecretsClient:
     # --- the method table --------------------------------------------------------
 
     async def status(self) -> StatusResult:
-        return await self.call("status", calls.NONE)  # type: ignore[no-any-return]
+        return await self.call(m.STATUS, m.NoParams())
 
     async def init(self, passphrase: str | Secret) -> None:
-        await self.call("init", calls.passphrase(passphrase))
+        await self.call(m.INIT, m.InitParams(as_secret(passphrase)))
 
     async def unlock(self, passphrase: str | Secret) -> None:
-        await self.call("unlock", calls.passphrase(passphrase))
+        await self.call(m.UNLOCK, m.PassphraseParams(as_secret(passphrase)))
 
     async def lock(self) -> None:
-        await self.call("lock", calls.NONE)
+        await self.call(m.LOCK, m.NoParams())
 
     async def change_passphrase(self, old: str | Secret, new: str | Secret) -> None:
-        await self.call("change_passphrase", calls.change(old, new))
+        await self.call(m.CHANGE_PASSPHRASE, m.ChangePassphraseParams(as_secret(old), as_secret(new)))
 
-    async def store(self, name: str, value: str | Secret, kind: str | None = None) -> int:
-        return calls.version_of(await self.call("store", calls.store(name, value, kind)))
+    async def store(self, name: str, value: str | Secret, kind: Kind | None = None) -> int:
+        return (await self.call(m.STORE, m.StoreParams(name, as_secret(value), kind))).version
 
     async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
-        return await self.call("retrieve", calls.retrieve(name, previous))  # type: ignore[no-any-return]
+        return await self.call(m.RETRIEVE,
+                               m.RetrieveParams(name, "previous" if previous else "current"))
 
     async def get(self, name: str, previous: bool = False) -> str | None:
         """The plain value, or None."""
         result = await self.retrieve(name, previous)
         return None if result is None else result.value.reveal()
 
-    async def delete(self, name: str) -> bool:
-        return bool(await self.call("delete", calls.name(name)))
+    async def delete(self, name: str, force: bool = False) -> bool:
+        return await self.call(m.DELETE, m.DeleteParams(name, force))
 
     async def list(self, prefix: str = "") -> list[str]:
-        return await self.call("list", calls.prefix(prefix))  # type: ignore[no-any-return]
+        names: list[str] = []
+        after = ""
+        while True:
+            try:
+                page = await self.call(m.LIST, m.ListParams(prefix, after, connect.LIST_PAGE))
+            except InvalidParams:
+                if after or names:
+                    raise
+                return await self.call(m.LIST, m.ListParams(prefix))  # an agent without paging
+            names += page
+            if len(page) < connect.LIST_PAGE:
+                return names
+            after = page[-1]
 
     async def rotate(self, name: str, value: str | Secret) -> int:
-        return calls.version_of(await self.call("rotate", calls.rotate(name, value)))
+        return (await self.call(m.ROTATE, m.RotateParams(name, as_secret(value)))).version
 
     async def describe(self, name: str) -> DescribeResult | None:
-        return await self.call("describe", calls.name(name))  # type: ignore[no-any-return]
+        return await self.call(m.DESCRIBE, m.NameParams(name))
 
-    async def migrate(self, to: str, passphrase: str | Secret | None = None,
-                      source: str | None = None) -> MigrateResult:
+    async def migrate(self, to: BackendName, passphrase: str | Secret | None = None,
+                      source: BackendName | None = None) -> MigrateResult:
         """Move every secret to the ``to`` backend (see ``secretsctl migrate``)."""
-        return await self.call("migrate", calls.migrate(to, passphrase, source), timeout=max(self.timeout, 600))  # type: ignore[no-any-return]
+        secret = None if passphrase is None else as_secret(passphrase)
+        return await self.call(m.MIGRATE, m.MigrateParams(to, secret, source),
+                               timeout=max(self.timeout, 600))

@@ -157,6 +157,14 @@ def _print_json(obj: Any) -> None:
     print(_json.encode(obj).decode())
 
 
+def printable(text: str) -> str:
+    """``text`` with every control or format character escaped (``\\x1b``, ``\\u202e``):
+    nothing the agent returns can move a terminal's cursor or reorder its output."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _print_fields(obj: Any) -> None:
     for field in obj.__struct_fields__:
         value = getattr(obj, field)
@@ -164,7 +172,9 @@ def _print_fields(obj: Any) -> None:
             value = "yes" if value else "no"
         elif value is None:
             value = "-"
-        print(f"{field}: {value}")
+        elif isinstance(value, list):
+            value = ", ".join(printable(str(v)) for v in value) if value else "-"
+        print(f"{field}: {printable(str(value))}")
 
 
 # --- commands ------------------------------------------------------------------------
@@ -238,7 +248,7 @@ def cmd_get(c: SecretsClient, a: argparse.Namespace) -> int:
 
 
 def cmd_rm(c: SecretsClient, a: argparse.Namespace) -> int:
-    if not c.delete(a.name):
+    if not c.delete(a.name, force=a.force):
         raise NotFoundError(f"there is no secret named {a.name!r}; nothing was deleted")
     print(f"deleted {a.name}", file=sys.stderr)
     return EXIT_OK
@@ -250,7 +260,7 @@ def cmd_ls(c: SecretsClient, a: argparse.Namespace) -> int:
         _print_json(names)
     else:
         for n in names:
-            print(n)
+            print(printable(n))
     return EXIT_OK
 
 
@@ -320,6 +330,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--previous", action="store_true", help="the value before the last rotation")
     sp = add("rm", cmd_rm, "delete a secret")
     sp.add_argument("name")
+    sp.add_argument("--force", action="store_true",
+                    help="also remove a damaged record of that name (it can no longer be read)")
     sp = add("ls", cmd_ls, "list names (never values)")
     sp.add_argument("prefix", nargs="?")
     sp.add_argument("--json", action="store_true")
@@ -346,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(client, args))
     except SecretsError as exc:
-        print(f"secretsctl: {exc.message}", file=sys.stderr)
+        print(f"secretsctl: {printable(exc.message)}", file=sys.stderr)
         return _exit_code(exc)
     except KeyboardInterrupt:
         print("secretsctl: interrupted", file=sys.stderr)
