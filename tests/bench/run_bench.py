@@ -166,7 +166,7 @@ def main() -> int:
     secs = args.seconds or (1.5 if args.quick else 4.0)
 
     from homeagent_secrets.client import SecretsClient
-    from homeagent_secrets.daemon.datakey import KdfParams, _derive_kek
+    from homeagent_secrets.daemon.backends.datakey import KdfParams, _derive_kek
     from homeagent_secrets.protocol.secret import Secret
 
     tmp = Path(tempfile.mkdtemp(prefix="hab-", dir="/tmp"))
