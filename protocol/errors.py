@@ -14,6 +14,9 @@ class SecretsError(Exception):
 
     code: int = -32603
     default_message: str = "internal error in the secrets agent; see the secretsd log"
+    #: Sent as the error's ``data.reason`` so a client can tell apart the causes
+    #: one code covers (-32006: damaged, migration in progress, too many connections).
+    reason: str | None = None
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.default_message)
@@ -92,15 +95,20 @@ class BackendUnavailableError(SecretsError):
 class CorruptRecordError(BackendUnavailableError):
     """A record failed authentication: tampered, truncated, swapped or foreign."""
 
+    reason = "damaged"
+
     default_message = "a record failed its integrity check; see the secretsd log"
 
 
 class TooManyConnectionsError(BackendUnavailableError):
+    reason = "too_many_connections"
     default_message = "the agent has too many open connections; close idle clients and retry"
 
 
 class MigrationInProgressError(BackendUnavailableError):
     """A write arrived while ``migrate`` copies the store; nothing was changed (retry)."""
+
+    reason = "migration_in_progress"
 
     default_message = (
         "a migration to another backend is in progress: nothing was changed; retry when it ends"
@@ -158,9 +166,17 @@ _BY_CODE: dict[int, type[SecretsError]] = {
 }
 
 
-def error_for_code(code: int, message: str) -> SecretsError:
-    """The exception a client raises for a wire error of this code."""
-    cls = _BY_CODE.get(code, SecretsError)
+_BY_REASON: dict[tuple[int, str], type[SecretsError]] = {
+    (cls.code, cls.reason): cls
+    for cls in (CorruptRecordError, TooManyConnectionsError, MigrationInProgressError)
+    if cls.reason is not None
+}
+
+
+def error_for_code(code: int, message: str, reason: str | None = None) -> SecretsError:
+    """The exception a client raises for a wire error of this code (and reason)."""
+    cls = _BY_REASON.get((code, reason)) if reason else None
+    cls = cls or _BY_CODE.get(code, SecretsError)
     err = cls(message)
     if cls is SecretsError:
         err.code = code

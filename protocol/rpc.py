@@ -24,9 +24,16 @@ R = TypeVar("R")
 DEFAULT_MAX_REPLY: Final = 64 << 20
 
 
+class ErrorData(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The error's ``data``: which of the causes its code covers."""
+
+    reason: str | None = None
+
+
 class ErrorObject(msgspec.Struct, frozen=True, omit_defaults=True):
     code: int
     message: str
+    data: ErrorData | None = None
 
 
 class _Response(msgspec.Struct, frozen=True):
@@ -51,7 +58,8 @@ def encode_result_into(id_: Id, result: Any, out: bytearray) -> None:
 
 def encode_error_into(id_: Id, error: SecretsError, out: bytearray) -> None:
     """Append one error response object (no newline) to ``out``."""
-    _encoder.encode_into(_ErrorResponse("2.0", id_, ErrorObject(error.code, error.message)),
+    data = None if error.reason is None else ErrorData(error.reason)
+    _encoder.encode_into(_ErrorResponse("2.0", id_, ErrorObject(error.code, error.message, data)),
                          out, len(out))
 
 
@@ -119,7 +127,11 @@ class ClientProtocol:
             except msgspec.DecodeError:
                 raise InvalidRequest("the agent sent a malformed reply") from None
             for env in envs:
-                err = error_for_code(env.error.code, env.error.message) if env.error else None
+                err = None
+                if env.error is not None:
+                    data = env.error.data
+                    err = error_for_code(env.error.code, env.error.message,
+                                         data.reason if data is not None else None)
                 replies.append(Reply(env.id, env.result, err))
         if self._splitter.oversize:
             raise InvalidRequest("the agent sent a reply over the client's size limit")

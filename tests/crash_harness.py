@@ -156,6 +156,7 @@ def run(kills: int, seed: int | None = None, clients: int = 3, names_per_client:
     counter = [0]
     lock = threading.Lock()
     acked_ops = 0
+    proc: subprocess.Popen[bytes] | None = None
     try:
         proc = _start(home, sock, log)
         SecretsClient(sock).init(model.passphrase)
@@ -184,6 +185,9 @@ def run(kills: int, seed: int | None = None, clients: int = 3, names_per_client:
         proc.wait(15)
         return {"kills": kills, "acknowledged_writes": acked_ops, "secrets": len(model.names), "lost": 0}
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # a failure above: the daemon goes with it
+            proc.wait()
         shutil.rmtree(base, ignore_errors=True)
 
 

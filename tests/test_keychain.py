@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,8 @@ from homeagent_secrets.protocol.errors import (
 from homeagent_secrets.protocol.secret import Secret
 
 from .conftest import PASSPHRASE, Daemon, require_tool
-from .keyringd import gnome_keyring
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def keyring_env(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    with gnome_keyring(short_tmp) as env:
-        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", env["DBUS_SESSION_BUS_ADDRESS"])
-        yield env
 
 
 def secret_tool(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

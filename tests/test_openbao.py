@@ -17,17 +17,10 @@ from homeagent_secrets.protocol.errors import (
 )
 from homeagent_secrets.protocol.secret import Secret
 
-from .baoserver import ROOT_TOKEN, DevServer, bao_settings, dev_server, raft_cluster
+from .baoserver import ROOT_TOKEN, DevServer, bao_settings, dev_server, raft_cluster, token_file
 from .conftest import Daemon
 
 pytestmark = pytest.mark.anyio
-
-
-def token_file(base: Path, token: str = ROOT_TOKEN) -> Path:
-    path = base / "bao-token"
-    path.write_text(token + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def bao_daemon(base: Path, addresses: list[str], token: Path, name: str = "bd", *extra: str) -> Daemon:
