@@ -1,9 +1,8 @@
 """From a typed call to the bytes of its answer, through the agent.
 
 No sockets here: the server's connections use it, one call or one batch at a
-time. It counts calls in flight (the shutdown drain waits for them), turns
-every failure into its JSON-RPC error, and wipes a passphrase once its call is
-answered.
+time. It turns every failure into its JSON-RPC error, and wipes a passphrase
+once its call is answered.
 """
 
 from __future__ import annotations
@@ -47,19 +46,10 @@ def wipe_params(params: Params) -> None:
 
 
 class Dispatcher:
-    """Answers calls and batches; counts calls in flight for draining."""
+    """Answers calls and batches through the agent."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self._inflight = 0
-        self._idle: anyio.Event | None = None  # made only while someone waits
-
-    async def wait_idle(self) -> None:
-        """Return once no call is in flight."""
-        while self._inflight:
-            if self._idle is None:
-                self._idle = anyio.Event()
-            await self._idle.wait()
 
     def _try_now(self, call: Call, peer: Peer) -> Outcome | _Pending:
         try:
@@ -89,7 +79,6 @@ class Dispatcher:
             now = self._try_now(call, peer)
             if not isinstance(now, _Pending):
                 return now
-        self._inflight += 1
         try:
             return await self.agent.call(call, peer), None
         except SecretsError as exc:
@@ -98,10 +87,6 @@ class Dispatcher:
             log.exception("internal error while answering %s", call.method.name)
             return None, InternalError()
         finally:
-            self._inflight -= 1
-            if self._inflight == 0 and self._idle is not None:
-                self._idle.set()
-                self._idle = None
             if call.method.carries_passphrase:
                 wipe_params(call.params)
 

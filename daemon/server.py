@@ -72,6 +72,8 @@ class Server:
         self.uid = os.getuid()
         self._live: set[_Connection] = set()
         self._accept_scope: anyio.CancelScope | None = None
+        self.draining = False
+        self._all_closed: anyio.Event | None = None  # made only while the drain waits
         self.stopped = anyio.Event()
 
     @property
@@ -91,11 +93,22 @@ class Server:
                     while True:
                         stream = await listener.accept()
                         conns.start_soon(self._handle, stream)
-            # Accepting stopped: give calls in flight a deadline, then cancel the rest.
+            # Accepting stopped: every connection finishes what it has received
+            # (and reads no more), within a deadline; then the rest is cancelled.
+            self.draining = True
+            for conn in list(self._live):
+                conn.stop_reading()
             with anyio.move_on_after(self.limits.drain_timeout):
-                await self.dispatcher.wait_idle()
+                while self._live:
+                    self._all_closed = anyio.Event()
+                    await self._all_closed.wait()
             conns.cancel_scope.cancel()
         self.stopped.set()
+
+    def _closed(self, conn: _Connection) -> None:
+        self._live.discard(conn)
+        if not self._live and self._all_closed is not None:
+            self._all_closed.set()
 
     async def _reap(self) -> None:
         """Close idle and stuck connections.
@@ -131,12 +144,14 @@ class Server:
                 if self.connections >= self.limits.max_connections:
                     await self._refuse_over_cap(stream, peer)
                     return
+                if self.draining:
+                    return
                 conn = _Connection(self, stream, peer)
                 self._live.add(conn)
                 try:
                     await conn.run()
                 finally:
-                    self._live.discard(conn)
+                    self._closed(conn)
             except Exception:  # one peer's failure (even MemoryError) is that peer's alone
                 log.exception("connection from %s failed and was closed; the agent goes on",
                               peer or "an unknown peer")
@@ -167,7 +182,8 @@ class _Connection:
         self.inline = False  # the reader is running a call itself
         self.send_blocked_since: float | None = None
         self.last_active = time.monotonic()
-        self.scope = anyio.CancelScope()
+        self.scope = anyio.CancelScope()  # the reaper's: the reader and every task
+        self.read_scope = anyio.CancelScope()  # the drain's: the reader only
         self.reaped = False
         self.gone = False  # a send failed: the peer left
 
@@ -183,6 +199,12 @@ class _Connection:
         if self.inline or self.tasks:
             return 0.0
         return now - self.last_active
+
+    def stop_reading(self) -> None:
+        """Read no more (shutdown): a reader waiting for input stops now, a busy one
+        after the chunk it is working on; the calls it started still finish."""
+        if not self.inline:
+            self.read_scope.cancel()
 
     def reap(self, now: float) -> None:
         self.reaped = True
@@ -259,63 +281,68 @@ class _Connection:
             await flush()
 
     async def run(self) -> None:
-        dispatcher = self.dispatcher
-        peer = self.peer
         with self.scope:  # the reaper cancels it: the reader and every task of this peer
             async with anyio.create_task_group() as tg:
-                while True:
-                    try:
-                        data = await self.stream.receive(65536)
-                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        break
-                    self.last_active = time.monotonic()
-                    out = bytearray()
-                    lines = self.proto.frames(data)
-                    sensitive = self.proto.pending > 0  # a message cut in two may be an unlock
-                    self.inline = True
-                    try:
-                        for line in lines:
-                            msg = self.proto.parse(line)
-                            if isinstance(msg, Call):
-                                if FAULTS and "connection-error" in FAULTS and getattr(
-                                        msg.params, "name", None) == CONNECTION_ERROR_NAME:
-                                    raise MemoryError("injected by HOMEAGENT_FAULT")
-                                method = msg.method
-                                sensitive |= method.carries_passphrase
-                                if method.writes:
-                                    await self._spawn(tg, msg)
-                                elif not (method.nowait and dispatcher.answer_now(msg, peer, out)):
-                                    await dispatcher.answer(msg, peer, out)
-                            elif isinstance(msg, Batch):
-                                if msg.carries_passphrase:
-                                    sensitive = True
-                                    for raw in msg.raws:
-                                        wipe_bytes(raw)
-                                if msg.writes:
-                                    await self._spawn(tg, msg)
-                                else:
-                                    if out:
-                                        await self.send(out)
-                                        out.clear()
-                                    async with self.send_lock:
-                                        await self._batch(msg, out)
-                            elif msg.answered:
-                                reject(msg.id, msg.error, out)
-                            if len(out) >= FLUSH_AT:
+                with self.read_scope:
+                    await self._read(tg)
+                # Input is over (the peer closed its side, or shutdown): the calls
+                # it started finish and answer before the connection closes.
+
+    async def _read(self, tg: anyio.abc.TaskGroup) -> None:
+        dispatcher = self.dispatcher
+        peer = self.peer
+        while not self.server.draining:
+            try:
+                data = await self.stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                break
+            self.last_active = time.monotonic()
+            out = bytearray()
+            lines = self.proto.frames(data)
+            sensitive = self.proto.pending > 0  # a message cut in two may be an unlock
+            self.inline = True
+            try:
+                for line in lines:
+                    msg = self.proto.parse(line)
+                    if isinstance(msg, Call):
+                        if FAULTS and "connection-error" in FAULTS and getattr(
+                                msg.params, "name", None) == CONNECTION_ERROR_NAME:
+                            raise MemoryError("injected by HOMEAGENT_FAULT")
+                        method = msg.method
+                        sensitive |= method.carries_passphrase
+                        if method.writes:
+                            await self._spawn(tg, msg)
+                        elif not (method.nowait and dispatcher.answer_now(msg, peer, out)):
+                            await dispatcher.answer(msg, peer, out)
+                    elif isinstance(msg, Batch):
+                        if msg.carries_passphrase:
+                            sensitive = True
+                            for raw in msg.raws:
+                                wipe_bytes(raw)
+                        if msg.writes:
+                            await self._spawn(tg, msg)
+                        else:
+                            if out:
                                 await self.send(out)
                                 out.clear()
-                    finally:
-                        self.inline = False
-                        if sensitive:  # the passphrase is decoded: its raw bytes go now
-                            wipe_bytes(data)
-                            for line in lines:
-                                wipe_bytes(line)
-                    if self.proto.oversize:
-                        self.proto.oversize_error(out)
+                            async with self.send_lock:
+                                await self._batch(msg, out)
+                    elif msg.answered:
+                        reject(msg.id, msg.error, out)
+                    if len(out) >= FLUSH_AT:
                         await self.send(out)
-                        break
-                    if out:
-                        await self.send(out)
-                    if self.gone:
-                        break
-                # The peer closed its side: let its calls in flight finish and answer.
+                        out.clear()
+                if self.proto.oversize:
+                    self.proto.oversize_error(out)
+                if out:
+                    await self.send(out)
+            finally:
+                self.inline = False
+                if sensitive:  # the passphrase is decoded: its raw bytes go now
+                    wipe_bytes(data)
+                    for line in lines:
+                        wipe_bytes(line)
+            if self.proto.oversize:
+                break
+            if self.gone:
+                break

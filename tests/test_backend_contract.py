@@ -117,7 +117,11 @@ async def test_concurrent_writes_to_one_name_are_serialized(backend: Backend) ->
 async def test_count_matches_list(backend: Backend) -> None:
     for i in range(5):
         await backend.store(f"n{i}", Secret("v"), None)
-    assert await backend.count() == 5
+    await backend.store("n0", Secret("again"), None)  # an overwrite is not a new secret
+    await backend.delete("n4")
+    listed = await backend.list("")
+    assert listed == ["n0", "n1", "n2", "n3"]
+    assert await backend.count() == len(listed) == 4
 
 
 async def test_export_import_round_trip_keeps_everything(backend: Backend) -> None:
