@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import anyio
 import anyio.abc
+
 from homeagent_secrets.protocol import messages as m
 from homeagent_secrets.protocol.errors import AgentUnreachableError, InvalidParams, SecretsError
 from homeagent_secrets.protocol.messages import (

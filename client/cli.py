@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import msgspec
+
 from homeagent_secrets.protocol.errors import (
     AgentUnreachableError,
     InvalidParams,

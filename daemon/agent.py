@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
+
 from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import (
     InvalidParams,
@@ -243,7 +244,7 @@ class Agent:
         self.on_change()
         return WrittenResult(p.name, version)
 
-    def retrieve_nowait(self, p: RetrieveParams, peer: Peer) -> SecretResult | None | _Pending:
+    def retrieve_nowait(self, p: RetrieveParams, peer: Peer) -> SecretResult | _Pending | None:
         return self.backend.retrieve_nowait(p.name, p.version == "previous")
 
     async def retrieve(self, p: RetrieveParams, peer: Peer) -> SecretResult | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+
 from homeagent_secrets.protocol.errors import InternalError, SecretsError
 from homeagent_secrets.protocol.messages import Params
 from homeagent_secrets.protocol.secret import Secret

@@ -17,10 +17,10 @@ from typing import Final
 _CRASH_AT: Final = os.environ.get("HOMEAGENT_CRASH_AT", "")
 _CRASH_POINT, _, _CRASH_COUNT = _CRASH_AT.partition(":")
 _hits = 0
-FAULTS: Final[dict[str, str]] = dict(
-    (item.partition("=")[0], item.partition("=")[2])
+FAULTS: Final[dict[str, str]] = {
+    item.partition("=")[0]: item.partition("=")[2]
     for item in os.environ.get("HOMEAGENT_FAULT", "").split(",") if item
-)
+}
 
 #: With the ``connection-error`` fault, a call naming this secret raises
 #: MemoryError inside its connection (as a failed allocation would).
@@ -30,7 +30,7 @@ CONNECTION_ERROR_NAME: Final = "fault/connection-error"
 def crash_point(point: str) -> None:
     """Die here, at once and without cleanup, if the tests asked for it."""
     global _hits
-    if _CRASH_POINT and _CRASH_POINT == point:
+    if _CRASH_POINT and point == _CRASH_POINT:
         _hits += 1
         if _hits >= int(_CRASH_COUNT or 1):
             os.kill(os.getpid(), signal.SIGKILL)

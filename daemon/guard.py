@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 import anyio
+
 from homeagent_secrets.protocol.errors import WrongPassphraseError
 
 from .peer import Peer

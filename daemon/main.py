@@ -15,6 +15,7 @@ import sys
 import time
 
 import anyio
+
 from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import SecretsError
 from homeagent_secrets.protocol.messages import NoParams

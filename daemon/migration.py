@@ -22,6 +22,7 @@ from typing import Final
 
 import anyio
 import anyio.to_thread
+
 from homeagent_secrets.protocol.errors import BackendUnavailableError, InvalidParams, SecretsError
 from homeagent_secrets.protocol.messages import MigrateParams, MigrateResult
 from homeagent_secrets.protocol.names import BACKEND_NAMES

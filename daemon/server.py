@@ -30,6 +30,7 @@ from typing import Final
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
+
 from homeagent_secrets.protocol.errors import TooManyConnectionsError
 from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME
 from homeagent_secrets.protocol.server import (

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
+
 from homeagent_secrets.protocol.errors import SecretsError
 from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME
 from homeagent_secrets.protocol.paths import default_home, default_socket_path

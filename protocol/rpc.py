@@ -120,10 +120,7 @@ class ClientProtocol:
         replies: list[Reply] = []
         for line in self._splitter.feed(data):
             try:
-                if line.lstrip()[:1] == b"[":
-                    envs = _replies_decoder.decode(line)
-                else:
-                    envs = [_reply_decoder.decode(line)]
+                envs = _replies_decoder.decode(line) if line.lstrip()[:1] == b"[" else [_reply_decoder.decode(line)]
             except msgspec.DecodeError:
                 raise InvalidRequest("the agent sent a malformed reply") from None
             for env in envs:

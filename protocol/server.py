@@ -154,7 +154,11 @@ def _scan_for_repeated_keys(line: bytes) -> bool:
             pending = m.span()
             continue
         if first == 0x3A and pending is not None and stack and stack[-1] is not None:  # ':'
-            key = json.loads(line[pending[0]:pending[1]])
+            raw = line[pending[0]:pending[1]]
+            try:
+                key = json.loads(raw)
+            except ValueError:  # not JSON (only a caller's own bytes): compare as written
+                key = "\0" + raw.decode("latin-1")
             if key in stack[-1]:
                 return True
             stack[-1].add(key)

@@ -137,6 +137,7 @@ def _wipe(store: SecretServiceStore) -> None:
     store._paths.clear()
 
 
+@pytest.mark.slow
 async def test_a_failure_at_any_step_loses_nothing_and_list_is_right_after_restart(
     keyring_env: dict[str, str],
 ) -> None:
@@ -262,6 +263,7 @@ def _check(c: SecretsClient, want: dict[str, tuple[str, str | None, str]]) -> No
         assert info is not None and info.kind == kind and info.has_previous == (prev is not None)
 
 
+@pytest.mark.slow
 def test_migrate_keychain_to_file_killed_midway_then_rerun(short_tmp: Path, keyring_env: dict[str, str]) -> None:
     pw = short_tmp / "pw"
     pw.write_text(PASSPHRASE)

@@ -133,6 +133,7 @@ def pw(short_tmp: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_writes_during_migrate_to_keychain_are_kept_or_refused(
     short_tmp: Path, keyring_env: dict[str, str], pw: Path
 ) -> None:
@@ -164,6 +165,7 @@ def test_writes_during_migrate_to_keychain_are_kept_or_refused(
         writers2.check(c)
 
 
+@pytest.mark.slow
 def test_writes_during_migrate_to_openbao_are_kept_or_refused(
     short_tmp: Path, bao_dev: DevServer, pw: Path
 ) -> None:
@@ -188,6 +190,7 @@ def test_writes_during_migrate_to_openbao_are_kept_or_refused(
     assert list((d.home / "secrets").glob("*.rec")) == []  # the originals are gone, the copies not
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["migrate-copied-one:20", "migrate-after-switch"])
 def test_a_kill_during_migrate_under_load_loses_nothing(
     short_tmp: Path, keyring_env: dict[str, str], pw: Path, crash_at: str

@@ -117,6 +117,7 @@ def _prefix_config(base: Path, prefix: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_server_restart_mid_run_the_agent_reconnects(short_tmp: Path) -> None:
     with dev_server(short_tmp / "restart") as server:
         d = bao_daemon(short_tmp, [server.address], token_file(short_tmp))
@@ -130,6 +131,7 @@ def test_server_restart_mid_run_the_agent_reconnects(short_tmp: Path) -> None:
             assert c.get("after") == "2"
 
 
+@pytest.mark.slow
 def test_sealed_server_is_locked(short_tmp: Path) -> None:
     with dev_server(short_tmp / "seal") as server:
         d = bao_daemon(short_tmp, [server.address], token_file(short_tmp))
@@ -152,6 +154,7 @@ async def test_unreachable_everywhere_is_minus_32006(short_tmp: Path) -> None:
         await b.retrieve("x")
 
 
+@pytest.mark.slow
 async def test_approle_login_and_token_renewal(bao_dev: DevServer, short_tmp: Path) -> None:
     admin = hvac_client(bao_dev.address)
     if "approle/" not in admin.sys.list_auth_methods()["data"]:
@@ -178,6 +181,7 @@ async def test_approle_login_and_token_renewal(bao_dev: DevServer, short_tmp: Pa
     assert got is not None and b.client._auth.token != first
 
 
+@pytest.mark.slow
 def test_raft_cluster_survives_the_leader_being_killed(short_tmp: Path, record_property) -> None:  # type: ignore[no-untyped-def]
     """3 real nodes on loopback; SIGKILL the leader under a write+read load.
 

@@ -19,6 +19,7 @@ from .conftest import PASSPHRASE, Daemon, require_real
 CI_KILLS = int(os.environ.get("HOMEAGENT_CRASH_KILLS", "200"))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing() -> None:
     from .crash_harness import run
 
@@ -103,6 +104,7 @@ def test_disk_full_and_read_only_are_clear_errors_and_lose_nothing(tiny_fs: Path
 # --- hostile connection patterns ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_slowloris_and_connect_flood_do_not_starve_a_real_client(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     import socket
     import threading
@@ -232,6 +234,7 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_soak_64_connections_mixed_load(daemon_factory, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
     import json
     import random
@@ -295,6 +298,7 @@ def test_soak_64_connections_mixed_load(daemon_factory, short_tmp: Path) -> None
 # --- fuzzing ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fuzz_frame_splitter_and_request_decoder(short_tmp: Path) -> None:
     import sys
 

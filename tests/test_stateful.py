@@ -157,6 +157,7 @@ class AgentModel(RuleBasedStateMachine):
         self.c.close()
 
 
+@pytest.mark.slow
 def test_random_sequences_match_the_model(shared_daemon: Daemon) -> None:
     AgentModel.daemon = shared_daemon
     AgentModel.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,

@@ -426,6 +426,7 @@ def test_core_dumps_are_off_and_the_key_is_mlocked(unlocked: Daemon) -> None:
     assert SecretsClient(unlocked.socket).status().memory_locked is False
 
 
+@pytest.mark.slow
 def test_auto_lock_after_idle_and_after_max_unlocked(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d: Daemon = daemon_factory("--lock-after", "0.6", name="idle")
     with SecretsClient(d.socket) as c:

@@ -145,6 +145,7 @@ def test_a_second_daemon_on_one_home_exits_naming_the_first(daemon: Daemon, shor
 # --- passphrase guessing and lockout ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_passphrase_check_shares_one_slow_down_and_logs_each_failure(unlocked: Daemon) -> None:
     """9. change_passphrase while locked and migrate's file passphrase took 40 guesses in 2 s."""
     with SecretsClient(unlocked.socket) as c:
@@ -168,6 +169,7 @@ def test_every_passphrase_check_shares_one_slow_down_and_logs_each_failure(unloc
         assert guess not in log
 
 
+@pytest.mark.slow
 def test_a_guessing_peer_does_not_delay_the_owner(unlocked: Daemon) -> None:
     """10. A client retrying a wrong passphrase every 0.5 s delayed the owner's unlock past 45 s."""
     SecretsClient(unlocked.socket).lock()
@@ -219,6 +221,7 @@ def test_a_new_passphrase_follows_the_same_rules_everywhere(daemon: Daemon) -> N
         c.unlock(PASSPHRASE)  # unchanged
 
 
+@pytest.mark.slow
 def test_polling_status_does_not_keep_the_agent_unlocked(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     """12. status (or describe of a missing name) every 0.5 s kept it unlocked past --lock-after."""
     d = daemon_factory("--lock-after", "1.5")

@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.to_thread
+
 from homeagent_secrets.protocol.errors import LockedError, NotFoundError, NotSupportedError
 from homeagent_secrets.protocol.messages import DamagedRecord, DescribeResult, SecretResult
 from homeagent_secrets.protocol.secret import Secret
@@ -212,7 +213,7 @@ class Backend(abc.ABC):
     async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
         """The current (or previous) value, or None when absent."""
 
-    def retrieve_nowait(self, name: str, previous: bool = False) -> SecretResult | None | _Pending:
+    def retrieve_nowait(self, name: str, previous: bool = False) -> SecretResult | _Pending | None:
         """``retrieve`` answered from memory without awaiting, or ``PENDING``.
 
         The hot path: a backend that keeps what it needs in memory answers here

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
 from homeagent_secrets.protocol.errors import CorruptRecordError, WrongPassphraseError
 from homeagent_secrets.protocol.secret import Secret
 
@@ -111,7 +112,7 @@ def read_params(blob: bytes) -> KdfParams:
         raise CorruptRecordError(
             f"the wrapped-key file is {len(blob)} bytes or lacks its magic: damaged or not ours"
         )
-    magic, version, log2_n, r, p, _salt = _HEADER.unpack_from(blob)
+    _magic, version, log2_n, r, p, _salt = _HEADER.unpack_from(blob)
     if version != FORMAT_VERSION:
         raise CorruptRecordError(
             f"the wrapped-key file has format version {version}; this agent reads {FORMAT_VERSION}"

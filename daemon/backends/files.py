@@ -25,6 +25,7 @@ from typing import Final
 
 import anyio
 import anyio.to_thread
+
 from homeagent_secrets.protocol.errors import (
     AlreadyInitializedError,
     CorruptRecordError,
@@ -337,7 +338,7 @@ class FileBackend(Backend):
 
     # --- reads ------------------------------------------------------------------
 
-    def retrieve_nowait(self, name: str, previous: bool = False) -> SecretResult | None | _Pending:
+    def retrieve_nowait(self, name: str, previous: bool = False) -> SecretResult | _Pending | None:
         key = self._require_key()
         entry = self._index.get(name)
         if entry is None:

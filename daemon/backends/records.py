@@ -16,6 +16,7 @@ from typing import Final
 import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from homeagent_secrets.protocol.errors import CorruptRecordError
 
 MAGIC: Final = b"HASR"
