@@ -126,9 +126,9 @@ class ClientProtocol:
             for env in envs:
                 err = None
                 if env.error is not None:
-                    data = env.error.data
+                    extra = env.error.data
                     err = error_for_code(env.error.code, env.error.message,
-                                         data.reason if data is not None else None)
+                                         extra.reason if extra is not None else None)
                 replies.append(Reply(env.id, env.result, err))
         if self._splitter.oversize:
             raise InvalidRequest("the agent sent a reply over the client's size limit")
