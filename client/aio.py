@@ -23,6 +23,7 @@ from homeagent_secrets.protocol.messages import (
     Params,
     SecretResult,
     StatusResult,
+    WhoamiResult,
 )
 from homeagent_secrets.protocol.names import BackendName, Kind
 from homeagent_secrets.protocol.rpc import ClientProtocol, Reply
@@ -182,6 +183,10 @@ class AsyncSecretsClient:
 
     async def status(self) -> StatusResult:
         return await self.call(m.STATUS, m.NoParams())
+
+    async def whoami(self) -> WhoamiResult:
+        """What the agent sees of this process, and what the access rules grant it."""
+        return await self.call(m.WHOAMI, m.NoParams())
 
     async def init(self, passphrase: str | Secret) -> None:
         await self.call(m.INIT, m.InitParams(as_secret(passphrase)))

@@ -17,6 +17,7 @@ from homeagent_secrets.protocol.messages import (
     Params,
     SecretResult,
     StatusResult,
+    WhoamiResult,
 )
 from homeagent_secrets.protocol.names import BackendName, Kind
 from homeagent_secrets.protocol.rpc import ClientProtocol, Reply
@@ -166,6 +167,10 @@ class SecretsClient:
 
     def status(self) -> StatusResult:
         return self.call(m.STATUS, m.NoParams())
+
+    def whoami(self) -> WhoamiResult:
+        """What the agent sees of this process, and what the access rules grant it."""
+        return self.call(m.WHOAMI, m.NoParams())
 
     def init(self, passphrase: str | Secret) -> None:
         self.call(m.INIT, m.InitParams(as_secret(passphrase)))

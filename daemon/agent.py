@@ -24,6 +24,7 @@ from homeagent_secrets.protocol.errors import (
     InvalidParams,
     MigrationInProgressError,
     NotSupportedError,
+    PermissionDeniedError,
     ValueTooLargeError,
 )
 from homeagent_secrets.protocol.messages import (
@@ -48,6 +49,7 @@ from homeagent_secrets.protocol.messages import (
     SecretResult,
     StatusResult,
     StoreParams,
+    WhoamiResult,
     WrittenResult,
 )
 from homeagent_secrets.protocol.secret import Secret
@@ -55,9 +57,11 @@ from homeagent_secrets.protocol.server import Call
 
 from .backends.base import PENDING, Backend, _Pending
 from .faults import fault_delay
+from .audit import AuditLog
 from .guard import PassphraseGuard
 from .migration import Migrator
 from .peer import SELF, Peer
+from .policy import Policy, Rights
 from .settings import DEFAULT_MAX_VALUE
 
 log = logging.getLogger(__name__)
@@ -113,8 +117,13 @@ class Agent:
         migrator: Migrator | None = None,
         home: Path | None = None,
         guard: PassphraseGuard | None = None,
+        policy: Policy | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.backend = backend
+        self.policy = policy or Policy()
+        self.audit = audit or AuditLog()
+        self._rights: dict[Peer, Rights] = {}
         self.migrator = migrator
         self.home = home
         self.max_value_bytes = max_value_bytes
@@ -130,11 +139,43 @@ class Agent:
         self.nowait_handlers: dict[str, NowaitHandler] = {
             m: getattr(self, m + NOWAIT_SUFFIX) for m, row in METHODS.items() if row.nowait}
 
+    # --- access rules ----------------------------------------------------------------------
+
+    def set_policy(self, policy: Policy) -> None:
+        """Put new rules in force (a reload): every peer's rights are computed again."""
+        self.policy = policy
+        self._rights = {}
+
+    def rights_of(self, peer: Peer) -> Rights:
+        rights = self._rights.get(peer)
+        if rights is None:
+            if len(self._rights) > 4096:
+                self._rights = {}
+            rights = self._rights[peer] = self.policy.rights(peer)
+        return rights
+
+    def authorize(self, call: Call, peer: Peer) -> None:
+        """Raise PermissionDeniedError unless the rules grant ``call`` to ``peer``.
+
+        Decided before the name is looked up: for a name the caller may not
+        touch, "absent" and "denied" look the same.
+        """
+        action = call.method.action
+        if action == "public" or self.policy.trusted(peer):
+            return
+        name = getattr(call.params, "name", None)
+        if not self.rights_of(peer).may(action, name if action != "list" else None):
+            what = f"{action} {name!r}" if name is not None else action
+            raise PermissionDeniedError(
+                f"permission denied: {peer} may not {what} under the access rules; "
+                "`secretsctl whoami` shows what they grant")
+
     # --- entry points (the dispatcher's) ------------------------------------------------
 
     async def call(self, call: Call, peer: Peer) -> Any:
         """Run one call; raises a SecretsError subclass on failure."""
         method = call.method
+        self.authorize(call, peer)
         if method.uses_key:
             self.last_used = self._clock()
         if method.writes and method is not LOCK and method is not MIGRATE:
@@ -148,6 +189,7 @@ class Agent:
         handler = self.nowait_handlers.get(call.method.name)
         if handler is None:
             return PENDING
+        self.authorize(call, peer)
         if call.method.uses_key:
             self.last_used = self._clock()
         return handler(call.params, peer)
@@ -197,7 +239,11 @@ class Agent:
             migration=None if pending is None else (
                 f"a migration from {pending.source} left originals there: run "
                 f"`secretsctl migrate --to {b.name}` to remove them"),
+            audit_log=str(self.audit.path) if self.audit.path else None,
         )
+
+    async def whoami(self, _: NoParams, peer: Peer) -> WhoamiResult:
+        return WhoamiResult(peer.uid, peer.gid, peer.pid, peer.unit, self.rights_of(peer).describe())
 
     async def init(self, p: InitParams, peer: Peer) -> InitResult:
         await self.backend.init(p.passphrase)
@@ -260,6 +306,9 @@ class Agent:
 
     async def list(self, p: ListParams, peer: Peer) -> list[str]:
         names = await self.backend.list(p.prefix)
+        if not self.policy.trusted(peer):
+            rights = self.rights_of(peer)
+            names = [n for n in names if rights.may("list", n)]
         if p.after:
             names = [n for n in names if n > p.after]
         return names if p.limit is None else names[:p.limit]

@@ -14,7 +14,12 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from homeagent_secrets.protocol.errors import InternalError, SecretsError
+from homeagent_secrets.protocol.errors import (
+    InternalError,
+    NotFoundError,
+    PermissionDeniedError,
+    SecretsError,
+)
 from homeagent_secrets.protocol.messages import Params
 from homeagent_secrets.protocol.secret import Secret
 from homeagent_secrets.protocol.server import (
@@ -28,6 +33,7 @@ from homeagent_secrets.protocol.server import (
 )
 
 from .agent import Agent
+from .audit import Outcome
 from .backends.base import PENDING, _Pending
 from .peer import Peer
 from .wipe import wipe_str
@@ -35,7 +41,22 @@ from .wipe import wipe_str
 log = logging.getLogger(__name__)
 
 Flush = Callable[[], Awaitable[None]]
-Outcome = tuple[Any, SecretsError | None]
+Result = tuple[Any, SecretsError | None]
+
+
+def _audit(agent: Agent, call: Call, peer: Peer, result: Any, error: SecretsError | None) -> None:
+    """One access-log event for a call answered (cheap when only denials are logged)."""
+    outcome: Outcome
+    code = None
+    if error is None:
+        outcome = "not_found" if result is None or result is False else "ok"
+    elif isinstance(error, PermissionDeniedError):
+        outcome, code = "denied", error.code
+    elif isinstance(error, NotFoundError):
+        outcome, code = "not_found", error.code
+    else:
+        outcome, code = "error", error.code
+    agent.audit.record(peer, call.method.name, getattr(call.params, "name", None), outcome, code)
 
 
 def wipe_params(params: Params) -> None:
@@ -52,7 +73,7 @@ class Dispatcher:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    def _try_now(self, call: Call, peer: Peer) -> Outcome | _Pending:
+    def _try_now(self, call: Call, peer: Peer) -> Result | _Pending:
         try:
             result = self.agent.call_nowait(call, peer)
         except SecretsError as exc:
@@ -68,14 +89,22 @@ class Dispatcher:
         if isinstance(now, _Pending):
             return False
         result, error = now
+        if error is not None or self.agent.audit.enabled:
+            _audit(self.agent, call, peer, result, error)
         if error is None:
             answer(call, result, out)
         else:
             answer_error(call, error, out)
         return True
 
-    async def outcome(self, call: Call, peer: Peer) -> Outcome:
-        """(result, None) or (None, error) of one call."""
+    async def outcome(self, call: Call, peer: Peer) -> Result:
+        """(result, None) or (None, error) of one call, logged in the access log."""
+        found = await self._outcome(call, peer)
+        if found[1] is not None or self.agent.audit.enabled:
+            _audit(self.agent, call, peer, *found)
+        return found
+
+    async def _outcome(self, call: Call, peer: Peer) -> Result:
         if call.method.nowait:
             now = self._try_now(call, peer)
             if not isinstance(now, _Pending):

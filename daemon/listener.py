@@ -93,15 +93,20 @@ def check_socket_dir(parent: Path) -> None:
             "directory of your own (--socket)")
 
 
-def bind_unix(path: Path, backlog: int = 512) -> BoundSocket:
-    """Create the listening socket at ``path`` with mode 0600 (parent made 0700)."""
+def bind_unix(path: Path, backlog: int = 512, group: int | None = None) -> BoundSocket:
+    """Create the listening socket at ``path``: mode 0600 in a 0700 directory, or, for
+    ``group``, 0660 in a 0750 directory of that group (other users reach the agent
+    through the group; the access rules decide what each may do)."""
     if len(os.fsencode(path)) >= 108:
         raise ListenerError(f"socket path {path} is longer than the 107 bytes AF_UNIX allows")
     parent = path.parent
     try:
         make_private_dirs(parent)
+        if group is not None and os.stat(parent).st_uid == os.geteuid():
+            os.chown(parent, -1, group)
+            os.chmod(parent, 0o750)
     except OSError as exc:
-        raise ListenerError(f"cannot create the socket directory {parent}: {exc.strerror}") from None
+        raise ListenerError(f"cannot prepare the socket directory {parent}: {exc.strerror}") from None
     check_socket_dir(parent)
     try:
         st = os.lstat(path)
@@ -128,6 +133,16 @@ def bind_unix(path: Path, backlog: int = 512) -> BoundSocket:
         raise ListenerError(f"cannot create socket {path}: {exc.strerror}") from None
     finally:
         os.umask(old_umask)
+    if group is not None:
+        # Only now open it to the group: it was 0600 from its first instant.
+        try:
+            os.chown(path, -1, group)
+            os.chmod(path, 0o660)
+        except OSError as exc:
+            sock.close()
+            os.unlink(path)
+            raise ListenerError(f"cannot give socket {path} to group {group}: {exc.strerror} "
+                                "(the agent's user must be a member of that group)") from None
     sock.listen(backlog)
     st = os.lstat(path)
     return BoundSocket(sock, path, (st.st_dev, st.st_ino))

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 import anyio
 
@@ -20,15 +21,18 @@ from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import SecretsError
 from homeagent_secrets.protocol.messages import NoParams
 
+from . import policy as policy_mod
 from . import selection
 from . import settings as settings_mod
 from .agent import Agent
+from .audit import AuditLog, under_systemd
 from .backends.base import Backend
 from .dispatch import Dispatcher
 from .hardening import harden_process
 from .homelock import HomeLock
 from .listener import BoundSocket, bind_unix, inherited_socket
 from .logsetup import setup_logging
+from .credentials import CredentialServer
 from .migration import Migrator
 from .peer import SELF
 from .sdnotify import Notifier
@@ -131,14 +135,44 @@ async def run(settings: Settings) -> None:
         lock.release()
 
 
+def group_id(name: str | None) -> int | None:
+    """The gid of ``socket_group`` (a name or a number)."""
+    if name is None:
+        return None
+    import grp
+
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise settings_mod.ConfigError(f"socket_group: no group named {name!r} on this system") from None
+
+
+async def reload(agent: Agent, settings: Settings) -> None:
+    """SIGHUP: read the rules again (a bad file keeps the old rules) and reopen the log."""
+    if settings.policy_file:
+        try:
+            policy = await anyio.to_thread.run_sync(policy_mod.load, Path(settings.policy_file))
+        except policy_mod.PolicyError as exc:
+            log.error("reload refused, the old rules stay in force: %s", exc.message)
+        else:
+            agent.set_policy(policy)
+            log.info("reloaded the access rules from %s: %d rule(s), %d credential(s)",
+                     settings.policy_file, len(policy.rules), len(policy.credentials))
+    agent.audit.reopen()
+
+
 async def serve(settings: Settings, lock: HomeLock, bound: BoundSocket | None, where: str) -> None:
     notifier = Notifier()
+    policy = (policy_mod.load(Path(settings.policy_file)) if settings.policy_file
+              else policy_mod.Policy())
+    audit = AuditLog(Path(settings.audit_log) if settings.audit_log else None, under_systemd())
     backend = await open_backend(settings)
     home = settings.home_path
     agent = Agent(
         backend, max_value_bytes=settings.max_value_bytes, clock=time.monotonic, home=home,
         migrator=Migrator(home, lambda kind: selection.make_backend(kind, settings),
                           lambda kind: selection.write_record(home, kind)),
+        policy=policy, audit=audit,
     )
     pending = agent.migrator.pending(backend.name) if agent.migrator else None
     if pending is not None:
@@ -146,7 +180,11 @@ async def serve(settings: Settings, lock: HomeLock, bound: BoundSocket | None, w
                     "--to %s` to remove them", pending.source, pending.target, pending.source,
                     pending.target)
     if bound is None:
-        bound = bind_unix(settings.socket_path)
+        bound = bind_unix(settings.socket_path, group=group_id(settings.socket_group))
+    creds: BoundSocket | None = None
+    if settings.credentials_socket:
+        creds = bind_unix(Path(settings.credentials_socket))
+        # systemd (root) connects; nobody else is believed, and the file stays 0600.
     server = Server(
         Dispatcher(agent),
         bound.sock,
@@ -159,8 +197,10 @@ async def serve(settings: Settings, lock: HomeLock, bound: BoundSocket | None, w
     )
     try:
         async with anyio.create_task_group() as tg:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 await tg.start(server.serve)
+                if creds is not None:
+                    await tg.start(CredentialServer(agent, creds.sock).serve)
                 notifier.notify("READY=1", f"STATUS={await status_line(agent)}")
                 tg.start_soon(keep_status_current, agent, notifier)
                 tg.start_soon(maintain, agent, settings.maintenance_interval)
@@ -177,6 +217,11 @@ async def serve(settings: Settings, lock: HomeLock, bound: BoundSocket | None, w
                     "initialized" if backend.initialized else "not initialized: run `secretsctl init`",
                 )
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        notifier.notify("RELOADING=1")
+                        await reload(agent, settings)
+                        notifier.notify("READY=1", f"STATUS={await status_line(agent)}")
+                        continue
                     log.info("received %s: shutting down", signal.Signals(signum).name)
                     notifier.notify("STOPPING=1", "STATUS=stopping: finishing requests in flight")
                     server.stop_accepting()
@@ -188,6 +233,9 @@ async def serve(settings: Settings, lock: HomeLock, bound: BoundSocket | None, w
         with anyio.CancelScope(shield=True):
             await agent.backend.close()  # the one in use: a migration may have switched it
         bound.remove()
+        if creds is not None:
+            creds.remove()
+        audit.close()
         notifier.close()
         log.info("stopped; data key wiped")
 
@@ -203,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level, settings.log_format)
     try:
         anyio.run(run, settings)
-    except settings_mod.ConfigError as exc:
+    except (settings_mod.ConfigError, policy_mod.PolicyError) as exc:
         log.error("%s", exc.message)
         return 2
     except SecretsError as exc:

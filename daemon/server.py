@@ -135,12 +135,16 @@ class Server:
         peer: Peer | None = None
         async with stream:
             try:
+                policy = self.dispatcher.agent.policy
                 try:
-                    peer = peer_of(stream.extra(SocketAttribute.raw_socket))
+                    # The unit and groups are read only when rules or a log need them.
+                    peer = peer_of(stream.extra(SocketAttribute.raw_socket),
+                                   details=policy.active or self.dispatcher.agent.audit.enabled)
                 except OSError:
                     return
-                if peer.uid != self.uid and peer.uid != 0:
-                    log.warning("refused connection from %s: not the agent's user", peer)
+                if not policy.active and not policy.trusted(peer):
+                    log.warning("refused connection from %s: not the agent's user (no access "
+                                "rules are configured)", peer)
                     return
                 if self.connections >= self.limits.max_connections:
                     await self._refuse_over_cap(stream, peer)

@@ -78,6 +78,11 @@ class Settings(OpenBaoOptions, kw_only=True, frozen=True, forbid_unknown_fields=
     lock_after: Seconds = 0.0  # lock after this long without a use of the key (0: never)
     max_unlocked: Seconds = 0.0  # lock this long after unlock, used or not (0: never)
     maintenance_interval: PositiveSeconds = 60.0  # re-tighten state file modes this often
+    # --- access rules, access log, credentials for systemd units ---
+    policy_file: str | None = None  # the rules (policy.py); reloaded on SIGHUP
+    socket_group: str | None = None  # the socket 0660 (its directory 0750) with this group
+    audit_log: str | None = None  # JSON lines, one per call (audit.py); reopened on SIGHUP
+    credentials_socket: str | None = None  # where systemd's LoadCredential= connects
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,6 +157,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--openbao-address", action="append", metavar="URL",
                    help="OpenBao/Vault server address (repeat for a cluster)")
     p.add_argument("--openbao-token-file", metavar="FILE", help="file holding the OpenBao token")
+    p.add_argument("--policy", dest="policy_file", metavar="FILE",
+                   help="access rules (TOML); reloaded on SIGHUP")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="make the socket 0660 for this group (its directory 0750)")
+    p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per call to FILE")
+    p.add_argument("--credentials-socket", metavar="PATH",
+                   help="serve systemd LoadCredential= requests on this socket")
     p.add_argument("--lock-after", type=float, metavar="SECONDS",
                    help="lock after this long without a use of the key (default off)")
     p.add_argument("--max-unlocked", type=float, metavar="SECONDS",

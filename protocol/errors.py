@@ -132,6 +132,17 @@ class ConflictError(SecretsError):
     default_message = "the secret was changed concurrently; read it again and retry"
 
 
+class PermissionDeniedError(SecretsError):
+    """The access rules do not grant this call to the caller.
+
+    For a name the caller may not read, "absent" and "denied" look the same:
+    the agent decides before looking the name up.
+    """
+
+    code = -32010
+    default_message = "permission denied: the access rules do not allow this; see `secretsctl whoami`"
+
+
 class AgentUnreachableError(SecretsError):
     """Client side only: the daemon's socket cannot be reached (never on the wire)."""
 
@@ -162,6 +173,7 @@ _BY_CODE: dict[int, type[SecretsError]] = {
         ValueTooLargeError,
         NotSupportedError,
         ConflictError,
+        PermissionDeniedError,
     )
 }
 

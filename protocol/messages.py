@@ -171,6 +171,8 @@ class StatusResult(Result, frozen=True):
     damaged: list[DamagedRecord] = []
     #: A migration that still has originals to remove, and how to finish it.
     migration: str | None = None
+    #: The access log file, when one is kept (``secretsctl audit`` reads it).
+    audit_log: str | None = None
 
 
 class InitResult(Result, frozen=True):
@@ -209,6 +211,23 @@ class MigrateResult(Result, frozen=True):
     backend: str
     migrated: int
     removed: int
+
+
+class Right(Result, frozen=True):
+    """What one access rule grants: actions on names (globs)."""
+
+    names: list[str]
+    allow: list[str]
+
+
+class WhoamiResult(Result, frozen=True):
+    """What the agent sees of the caller, and what the rules grant it."""
+
+    uid: int
+    gid: int
+    pid: int
+    unit: str | None
+    rights: list[Right]
 
 
 P = TypeVar("P", bound=Params)
@@ -251,6 +270,7 @@ class Method(Generic[P, R]):
 
 
 STATUS: Final = Method[NoParams, StatusResult]("status", NoParams, StatusResult, action="public")
+WHOAMI: Final = Method[NoParams, WhoamiResult]("whoami", NoParams, WhoamiResult, action="public")
 INIT: Final = Method[InitParams, InitResult](
     "init", InitParams, InitResult, action="admin", writes=True, carries_passphrase=True)
 UNLOCK: Final = Method[PassphraseParams, LockedResult](
@@ -277,6 +297,6 @@ MIGRATE: Final = Method[MigrateParams, MigrateResult](
 
 METHODS: Final[dict[str, Method[Any, Any]]] = {
     m.name: m
-    for m in (STATUS, INIT, UNLOCK, LOCK, CHANGE_PASSPHRASE, STORE, RETRIEVE, DELETE, LIST,
+    for m in (STATUS, WHOAMI, INIT, UNLOCK, LOCK, CHANGE_PASSPHRASE, STORE, RETRIEVE, DELETE, LIST,
               ROTATE, DESCRIBE, MIGRATE)
 }

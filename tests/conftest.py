@@ -244,14 +244,19 @@ def throwaway_user() -> Iterator[tuple[int, int]]:
         subprocess.run(["userdel", name], capture_output=True)
 
 
-def run_as(uid: int, gid: int, fn, timeout: float = 10.0) -> bytes:  # type: ignore[no-untyped-def]
-    """Run ``fn() -> bytes`` in a forked child with another uid; return what it produced."""
+def run_as(uid: int, gid: int, fn, timeout: float = 10.0,  # type: ignore[no-untyped-def]
+           groups: list[int] | None = None) -> bytes:
+    """Run ``fn() -> bytes`` in a forked child with another uid; return what it produced.
+
+    Forked, not exec'ed: the test interpreter lives under /root, which other
+    users cannot enter (CI's Python does too).
+    """
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: drop to the other user, no exec needed
         os.close(r)
         try:
-            os.setgroups([])
+            os.setgroups(groups or [])
             os.setgid(gid)
             os.setuid(uid)
             out = fn()

@@ -42,6 +42,8 @@ class MemoryStore:
         self.answered.add(method.name)
         if method is m.STATUS:
             return m.StatusResult(True, self.locked, "memory", "test", len(self.records), 0.0)
+        if method is m.WHOAMI:
+            return m.WhoamiResult(0, 0, 0, None, [m.Right(["**"], ["read"])])
         if method is m.INIT:
             raise errors.AlreadyInitializedError()
         if method is m.UNLOCK or method is m.CHANGE_PASSPHRASE:
