@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -31,6 +32,7 @@ from homeagent_secrets.protocol.secret import Secret
 
 from . import connect
 from .connect import as_secret
+from .events import WatchEvent, event_of
 
 P = TypeVar("P", bound=Params)
 R = TypeVar("R")
@@ -178,6 +180,41 @@ class AsyncSecretsClient:
                 raise reply.error
             return conn.proto.decode_result(method, reply.result)
         raise AssertionError("unreachable")
+
+    async def watch(self, patterns: Sequence[str] = ()) -> AsyncIterator[WatchEvent]:
+        """Events for the names matching ``patterns`` (all the caller may read when
+        empty), on a connection of their own, until the iteration stops.
+
+        A dropped connection ends it with AgentUnreachableError: watch again and
+        read again what matters (events may have been missed).
+        """
+        try:
+            with anyio.fail_after(self.connect_timeout):
+                stream = await anyio.connect_unix(self.socket_path)
+        except (OSError, TimeoutError) as exc:
+            raise connect.connect_error(self.socket_path, exc) from None
+        async with stream:
+            connect.check_server(stream.extra(anyio.abc.SocketAttribute.raw_socket), self.socket_path)
+            proto = ClientProtocol()
+            id_, line = proto.request(m.WATCH, m.WatchParams(list(patterns)))
+            await stream.send(line)
+            answered = False
+            while True:
+                try:
+                    data = await stream.receive(65536)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    raise connect.unreachable(self.socket_path, "the watch's connection closed") from None
+                for reply in proto.receive_data(data):
+                    if reply.error is not None and reply.id in (id_, None):
+                        raise reply.error
+                    answered = answered or reply.id == id_
+                if not answered:
+                    continue
+                notes, proto.notifications = proto.notifications, []
+                for note in notes:
+                    event = event_of(note)
+                    if event is not None:
+                        yield event
 
     # --- the method table --------------------------------------------------------
 

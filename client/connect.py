@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from homeagent_secrets.protocol.errors import (
     AgentUnreachableError,
+    SecretsError,
     UntrustedAgentError,
     ValueTooLargeError,
 )
@@ -92,6 +93,22 @@ def check_server(sock: socket.socket, path: Path) -> None:
         "nor the owner of a directory root made for it: refusing to send anything there "
         "(another user may be impersonating secretsd); check the socket path"
     )
+
+
+def open_socket(path: Path, connect_timeout: float) -> socket.socket:
+    """A connected, checked socket to the agent at ``path`` (blocking)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(connect_timeout)
+    try:
+        sock.connect(str(path))
+        check_server(sock, path)
+    except SecretsError:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise connect_error(path, exc) from None
+    return sock
 
 
 def check_size(line: bytes, method: Method[Any, Any]) -> None:

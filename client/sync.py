@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from homeagent_secrets.protocol.secret import Secret
 
 from . import connect
 from .connect import as_secret
+from .events import WatchEvent, event_of
 
 P = TypeVar("P", bound=Params)
 R = TypeVar("R")
@@ -59,17 +61,7 @@ class SecretsClient:
     # --- connection -------------------------------------------------------------
 
     def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
-        try:
-            sock.connect(str(self.socket_path))
-            connect.check_server(sock, self.socket_path)
-        except SecretsError:
-            sock.close()
-            raise
-        except OSError as exc:
-            sock.close()
-            raise connect.connect_error(self.socket_path, exc) from None
+        sock = connect.open_socket(self.socket_path, self.connect_timeout)
         self._sock = sock
         self._proto = ClientProtocol()
         return sock
@@ -90,8 +82,9 @@ class SecretsClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _exchange(self, sock: socket.socket, ids: set[int], line: bytes, timeout: float
-                  ) -> dict[int, Reply]:
+    def _exchange(self, sock: socket.socket, ids: set[int], line: bytes, timeout: float,
+                  proto: ClientProtocol | None = None) -> dict[int, Reply]:
+        proto = proto or self._proto
         try:
             sock.sendall(line)
         except OSError:
@@ -111,7 +104,7 @@ class SecretsClient:
                 raise _Dropped(True) from None
             if not data:
                 raise _Dropped(True)
-            for reply in self._proto.receive_data(data):
+            for reply in proto.receive_data(data):
                 if reply.id is None and reply.error is not None:
                     raise reply.error  # about the connection itself: nothing was run
                 if isinstance(reply.id, int) and reply.id in ids:
@@ -162,6 +155,43 @@ class SecretsClient:
         if reply.error is not None:
             raise reply.error
         return self._proto.decode_result(method, reply.result)
+
+    def watch(self, patterns: Sequence[str] = (), *, timeout: float | None = None) -> Iterator[WatchEvent]:
+        """Events for the names matching ``patterns`` (all the caller may read when empty),
+        on a connection of their own, until the generator is closed.
+
+        ``timeout`` (seconds without any event) ends it with AgentUnreachableError;
+        None waits for ever. A dropped connection ends it with AgentUnreachableError:
+        watch again and read again what matters (events may have been missed).
+        """
+        sock = connect.open_socket(self.socket_path, self.connect_timeout)
+        proto = ClientProtocol()
+        try:
+            id_, line = proto.request(m.WATCH, m.WatchParams(list(patterns)))
+            try:
+                reply = self._exchange(sock, {id_}, line, self.timeout, proto)[id_]
+            except (_Dropped, TimeoutError):
+                raise connect.unreachable(self.socket_path, "no answer to watch") from None
+            if reply.error is not None:
+                raise reply.error
+            sock.settimeout(timeout)
+            while True:
+                for note in proto.notifications:
+                    event = event_of(note)
+                    if event is not None:
+                        yield event
+                proto.notifications.clear()
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    raise AgentUnreachableError(f"no event within {timeout:g} s") from None
+                except OSError:
+                    data = b""
+                if not data:
+                    raise connect.unreachable(self.socket_path, "the watch's connection closed")
+                proto.receive_data(data)
+        finally:
+            sock.close()
 
     # --- the method table --------------------------------------------------------
 

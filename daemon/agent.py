@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 
 from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import (
     InvalidParams,
+    SecretsError,
     MigrationInProgressError,
     NotSupportedError,
     PermissionDeniedError,
@@ -62,6 +64,7 @@ from .guard import PassphraseGuard
 from .migration import Migrator
 from .peer import SELF, Peer
 from .policy import Policy, Rights
+from .watch import Hub
 from .settings import DEFAULT_MAX_VALUE
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,7 @@ class Agent:
         self.policy = policy or Policy()
         self.audit = audit or AuditLog()
         self._rights: dict[Peer, Rights] = {}
+        self.hub = Hub(self.rights_of, lambda peer: self.policy.trusted(peer))
         self.migrator = migrator
         self.home = home
         self.max_value_bytes = max_value_bytes
@@ -135,7 +139,10 @@ class Agent:
         self.unlocked_at: float | None = None
         #: Called after any change to locked state or the number of secrets.
         self.on_change: Callable[[], None] = lambda: None
-        self.handlers: dict[str, Handler] = {m: getattr(self, m) for m in METHODS}
+        # Each method of the table by the agent method of its name (the connection's
+        # own calls, watch and unwatch, are the server's).
+        self.handlers: dict[str, Handler] = {
+            m: getattr(self, m) for m, row in METHODS.items() if not row.connection}
         self.nowait_handlers: dict[str, NowaitHandler] = {
             m: getattr(self, m + NOWAIT_SUFFIX) for m, row in METHODS.items() if row.nowait}
 
@@ -261,6 +268,7 @@ class Agent:
         if self.unlocked_at is None:
             self.unlocked_at = self._clock()
             log.info("unlocked by %s", peer)
+            await self._told(self.hub.state(locked=False))
         self.last_used = self._clock()
         self.on_change()
         return LockedResult(locked=False)
@@ -273,6 +281,7 @@ class Agent:
         self.unlocked_at = None
         log.info("locked by %s: data key wiped", peer)
         self.on_change()
+        await self._told(self.hub.state(locked=True))
         return LockedResult(locked=True)
 
     async def change_passphrase(self, p: ChangePassphraseParams, peer: Peer) -> ChangedResult:
@@ -284,10 +293,17 @@ class Agent:
         log.info("passphrase changed by %s", peer)
         return ChangedResult()
 
+    @staticmethod
+    async def _told(sent: bool) -> None:
+        """After publishing: let the watchers' senders run before the answer goes out."""
+        if sent:
+            await anyio.lowlevel.checkpoint()
+
     async def store(self, p: StoreParams, peer: Peer) -> WrittenResult:
         self._check_value(p.value)
         version = await self.backend.store(p.name, p.value, p.kind)
         self.on_change()
+        await self._told(self.hub.changed(p.name, version, "stored"))
         return WrittenResult(p.name, version)
 
     def retrieve_nowait(self, p: RetrieveParams, peer: Peer) -> SecretResult | _Pending | None:
@@ -300,8 +316,17 @@ class Agent:
         return await self.backend.retrieve(p.name, p.version == "previous")
 
     async def delete(self, p: DeleteParams, peer: Peer) -> bool:
+        version = 0
+        if self.hub.active:  # a deleted event carries the version that was deleted
+            try:
+                info = await self.backend.describe(p.name)
+                version = info.version if info is not None else 0
+            except SecretsError:
+                version = 0  # a damaged record (force): its version is not known
         existed = await self.backend.delete(p.name, p.force)
         self.on_change()
+        if existed:
+            await self._told(self.hub.changed(p.name, version, "deleted"))
         return existed
 
     async def list(self, p: ListParams, peer: Peer) -> list[str]:
@@ -316,6 +341,7 @@ class Agent:
     async def rotate(self, p: RotateParams, peer: Peer) -> WrittenResult:
         self._check_value(p.value)
         version = await self.backend.rotate(p.name, p.value)
+        await self._told(self.hub.changed(p.name, version, "rotated"))
         return WrittenResult(p.name, version)
 
     async def describe(self, p: NameParams, peer: Peer) -> DescribeResult | None:

@@ -20,7 +20,7 @@ from homeagent_secrets.protocol.errors import (
     PermissionDeniedError,
     SecretsError,
 )
-from homeagent_secrets.protocol.messages import Params
+from homeagent_secrets.protocol.messages import Params, UnwatchParams, WatchParams, WatchResult
 from homeagent_secrets.protocol.secret import Secret
 from homeagent_secrets.protocol.server import (
     Batch,
@@ -36,6 +36,7 @@ from .agent import Agent
 from .audit import Outcome
 from .backends.base import PENDING, _Pending
 from .peer import Peer
+from .watch import Subscriber
 from .wipe import wipe_str
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,28 @@ class Dispatcher:
         finally:
             if call.method.carries_passphrase:
                 wipe_params(call.params)
+
+    def connection_call(self, call: Call, peer: Peer, out: bytearray, conn: Subscriber) -> None:
+        """``watch`` / ``unwatch``: subscriptions of the connection ``conn``."""
+        result: Any = None
+        error: SecretsError | None = None
+        try:
+            self.agent.authorize(call, peer)
+            params = call.params
+            if isinstance(params, WatchParams):
+                result = WatchResult(self.agent.hub.subscribe(conn, params.patterns))
+            elif isinstance(params, UnwatchParams):
+                result = self.agent.hub.unsubscribe(conn, params.watch)
+            else:
+                raise InternalError(f"{call.method.name} is not a connection's call")
+        except SecretsError as exc:
+            error = exc
+        if error is not None or self.agent.audit.enabled:
+            _audit(self.agent, call, peer, result, error)
+        if error is None:
+            answer(call, result, out)
+        else:
+            answer_error(call, error, out)
 
     async def answer(self, msg: Call | Rejected, peer: Peer, out: bytearray) -> None:
         """Run one message and append its answer line (if any) to ``out``."""

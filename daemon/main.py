@@ -38,6 +38,7 @@ from .peer import SELF
 from .sdnotify import Notifier
 from .server import Server, ServerLimits
 from .settings import Settings
+from .watch import poll_changes
 
 log = logging.getLogger("homeagent_secrets.daemon")
 
@@ -204,6 +205,8 @@ async def serve(settings: Settings, lock: HomeLock, bound: BoundSocket | None, w
                 notifier.notify("READY=1", f"STATUS={await status_line(agent)}")
                 tg.start_soon(keep_status_current, agent, notifier)
                 tg.start_soon(maintain, agent, settings.maintenance_interval)
+                tg.start_soon(poll_changes, agent.hub, lambda: agent.backend.versions(),
+                              settings.openbao_watch_interval)
                 if notifier.watchdog_interval:
                     tg.start_soon(watchdog, notifier)
                 if settings.lock_after > 0 or settings.max_unlocked > 0:

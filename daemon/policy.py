@@ -36,7 +36,7 @@ import msgspec
 
 from homeagent_secrets.protocol.errors import SecretsError
 from homeagent_secrets.protocol.messages import Action, Right
-from homeagent_secrets.protocol.names import name_problem
+from homeagent_secrets.protocol.names import glob_regex, name_problem, pattern_problem
 
 from .peer import Peer
 
@@ -68,24 +68,6 @@ class _CredentialDoc(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class _PolicyDoc(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rule: list[_RuleDoc] = []
     credential: list[_CredentialDoc] = []
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A name glob on /-segments, as a regex to match against ``"/" + name``.
-
-    ``*`` matches within one segment (``provider/*`` matches ``provider/hue``, not
-    ``provider/hue/token``), ``?`` one character of a segment, and a ``**``
-    segment any number of whole segments, none included (``provider/**``
-    matches ``provider`` and everything below it).
-    """
-    parts = []
-    for seg in pattern.split("/"):
-        if seg == "**":
-            parts.append(r"(?:/[^/]+)*")
-        else:
-            body = "".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in seg)
-            parts.append("/" + body)
-    return re.compile("".join(parts) + r"\Z")
 
 
 @dataclass(frozen=True)
@@ -195,8 +177,7 @@ def _rule(doc: _RuleDoc, where: str) -> Rule:
     if set(doc.allow) & _NAME_ACTIONS and not doc.names:
         raise PolicyError(f"{where}: {', '.join(sorted(set(doc.allow) & _NAME_ACTIONS))} need names")
     for pattern in doc.names:
-        probe = pattern.replace("**", "x").replace("*", "x").replace("?", "x")
-        if name_problem(probe) is not None:
+        if pattern_problem(pattern) is not None:
             raise PolicyError(f"{where}: {pattern!r} is not a name pattern (segments of "
                               "A-Z a-z 0-9 . _ - joined by '/', with * and ** as wildcards)")
     return Rule(uid, gid, doc.unit, tuple(doc.names), tuple(glob_regex(p) for p in doc.names),

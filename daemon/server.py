@@ -44,6 +44,7 @@ from homeagent_secrets.protocol.server import (
 from .dispatch import Dispatcher
 from .faults import CONNECTION_ERROR_NAME, FAULTS
 from .peer import Peer, peer_of
+from .watch import Outbox
 from .wipe import wipe_bytes
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,9 @@ class _Connection:
         self.read_scope = anyio.CancelScope()  # the drain's: the reader only
         self.reaped = False
         self.gone = False  # a send failed: the peer left
+        self.outbox = Outbox()  # notifications of this connection's watches
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._notifying = False
 
     def idle_for(self, now: float) -> float:
         """How long this peer has kept the agent waiting for nothing.
@@ -201,7 +205,7 @@ class _Connection:
         """
         if self.send_blocked_since is not None:
             return now - self.send_blocked_since
-        if self.inline or self.tasks:
+        if self.inline or self.tasks or self._notifying:  # a watch is not idleness either
             return 0.0
         return now - self.last_active
 
@@ -247,11 +251,40 @@ class _Connection:
             view.release()
 
     async def send(self, data: bytes | bytearray) -> None:
-        if self.tasks == 0 and not self.send_lock.locked():
+        if self.tasks == 0 and not self._notifying and not self.send_lock.locked():
             await self._send_now(data)  # only the reader can send now: no lock needed
         else:
             async with self.send_lock:
                 await self._send_now(data)
+
+    # --- watches --------------------------------------------------------------------
+
+    def start_notifier(self) -> None:
+        """A first watch: from now on a sender task delivers this connection's events."""
+        if not self._notifying and self._tg is not None:
+            self._notifying = True
+            self._tg.start_soon(self._notify)
+
+    async def _notify(self) -> None:
+        outbox = self.outbox
+        while True:
+            await outbox.ready.wait()
+            # No await between waking and the first write: a writer that yields
+            # once after publishing finds the event in the watcher's socket.
+            if self.send_lock.locked():
+                await self.send_lock.acquire()
+            else:
+                self.send_lock.acquire_nowait()
+            try:
+                await self._send_now(outbox.take())
+            finally:
+                self.send_lock.release()
+            if self.gone:
+                return
+
+    def _connection_call(self, call: Call, out: bytearray) -> None:
+        """``watch`` and ``unwatch``: the connection's own business, answered here."""
+        self.dispatcher.connection_call(call, self.peer, out, self)
 
     async def _spawn(self, tg: anyio.abc.TaskGroup, msg: Call | Batch) -> None:
         # At the bound this waits: the reader stops, and so does the peer.
@@ -286,12 +319,19 @@ class _Connection:
             await flush()
 
     async def run(self) -> None:
-        with self.scope:  # the reaper cancels it: the reader and every task of this peer
-            async with anyio.create_task_group() as tg:
-                with self.read_scope:
-                    await self._read(tg)
-                # Input is over (the peer closed its side, or shutdown): the calls
-                # it started finish and answer before the connection closes.
+        hub = self.dispatcher.agent.hub
+        try:
+            with self.scope:  # the reaper cancels it: the reader and every task of this peer
+                async with anyio.create_task_group() as outer:
+                    self._tg = outer  # the notifier's, once a watch opens
+                    async with anyio.create_task_group() as tg:
+                        with self.read_scope:
+                            await self._read(tg)
+                        # Input is over (the peer closed its side, or shutdown): the calls
+                        # it started finish and answer before the connection closes.
+                    outer.cancel_scope.cancel()  # and the watches end with it
+        finally:
+            hub.drop(self)
 
     async def _read(self, tg: anyio.abc.TaskGroup) -> None:
         dispatcher = self.dispatcher
@@ -315,7 +355,9 @@ class _Connection:
                             raise MemoryError("injected by HOMEAGENT_FAULT")
                         method = msg.method
                         sensitive |= method.carries_passphrase
-                        if method.writes:
+                        if method.connection:
+                            self._connection_call(msg, out)
+                        elif method.writes:
                             await self._spawn(tg, msg)
                         elif not (method.nowait and dispatcher.answer_now(msg, peer, out)):
                             await dispatcher.answer(msg, peer, out)

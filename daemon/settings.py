@@ -50,6 +50,8 @@ class OpenBaoOptions(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     openbao_approle_role_id: str | None = None
     openbao_approle_secret_id_file: str | None = None
     openbao_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    #: How often, while anyone watches, changes made by other agents are looked for.
+    openbao_watch_interval: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 5.0
 
     def __post_init__(self) -> None:
         if not all(a.startswith(("http://", "https://")) for a in self.openbao_address):

@@ -22,12 +22,15 @@ from .names import (
     Kind,
     check_name,
     check_passphrase,
+    check_patterns,
     check_prefix,
     text_problem,
 )
 from .secret import Secret
 
 VersionSelector = Literal["current", "previous"]
+#: Notification methods the agent sends on a connection with a watch (never answered).
+NOTIFICATIONS: Final = ("changed", "locked", "unlocked", "overflow")
 #: The right a method needs under the access rules: ``public`` methods are served
 #: to every peer the socket lets in.
 Action = Literal["public", "read", "list", "write", "delete", "watch", "admin"]
@@ -144,6 +147,18 @@ class MigrateParams(Params, frozen=True):
             check_passphrase(self.passphrase, "passphrase", new=True)
 
 
+class WatchParams(Params, frozen=True):
+    #: Name globs ("*" one segment, "**" any number); empty: every name the caller may read.
+    patterns: Annotated[list[str], msgspec.Meta(max_length=64)] = []
+
+    def __post_init__(self) -> None:
+        check_patterns(self.patterns)
+
+
+class UnwatchParams(Params, frozen=True):
+    watch: int
+
+
 # --- results -------------------------------------------------------------------
 
 
@@ -213,6 +228,24 @@ class MigrateResult(Result, frozen=True):
     removed: int
 
 
+class WatchResult(Result, frozen=True):
+    watch: int
+
+
+# --- notifications (agent -> client, no id) --------------------------------------
+
+ChangeEvent = Literal["stored", "rotated", "deleted"]
+
+
+class Changed(Result, frozen=True):
+    """The params of a ``changed`` notification: never a value."""
+
+    watch: int
+    name: str
+    version: int
+    event: ChangeEvent
+
+
 class Right(Result, frozen=True):
     """What one access rule grants: actions on names (globs)."""
 
@@ -237,8 +270,8 @@ R = TypeVar("R")
 class Method(Generic[P, R]):
     """One row of the method table; generic over its params and result types."""
 
-    __slots__ = ("action", "carries_passphrase", "name", "nowait", "params", "result",
-                 "uses_key", "writes")
+    __slots__ = ("action", "carries_passphrase", "connection", "name", "nowait", "params",
+                 "result", "uses_key", "writes")
 
     def __init__(
         self,
@@ -251,6 +284,7 @@ class Method(Generic[P, R]):
         nowait: bool = False,
         uses_key: bool = False,
         carries_passphrase: bool = False,
+        connection: bool = False,
     ) -> None:
         self.name = name
         self.params = params
@@ -264,6 +298,8 @@ class Method(Generic[P, R]):
         self.uses_key = uses_key
         #: Carries a passphrase: the daemon wipes the request's bytes after use.
         self.carries_passphrase = carries_passphrase
+        #: Concerns the connection itself (a subscription): the server answers it.
+        self.connection = connection
 
     def __repr__(self) -> str:
         return f"Method({self.name!r})"
@@ -291,6 +327,10 @@ ROTATE: Final = Method[RotateParams, WrittenResult](
     "rotate", RotateParams, WrittenResult, action="write", writes=True, uses_key=True)
 DESCRIBE: Final = Method[NameParams, DescribeResult | None](
     "describe", NameParams, DescribeResult | None, action="read")
+WATCH: Final = Method[WatchParams, WatchResult](
+    "watch", WatchParams, WatchResult, action="watch", connection=True)
+UNWATCH: Final = Method[UnwatchParams, bool](
+    "unwatch", UnwatchParams, bool, action="public", connection=True)
 MIGRATE: Final = Method[MigrateParams, MigrateResult](
     "migrate", MigrateParams, MigrateResult, action="admin", writes=True, uses_key=True,
     carries_passphrase=True)
@@ -298,5 +338,5 @@ MIGRATE: Final = Method[MigrateParams, MigrateResult](
 METHODS: Final[dict[str, Method[Any, Any]]] = {
     m.name: m
     for m in (STATUS, WHOAMI, INIT, UNLOCK, LOCK, CHANGE_PASSPHRASE, STORE, RETRIEVE, DELETE, LIST,
-              ROTATE, DESCRIBE, MIGRATE)
+              ROTATE, DESCRIBE, WATCH, UNWATCH, MIGRATE)
 }

@@ -67,6 +67,40 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A name glob on /-segments, as a regex to match against ``"/" + name``.
+
+    ``*`` matches within one segment (``provider/*`` matches ``provider/hue``, not
+    ``provider/hue/token``), ``?`` one character of a segment, and a ``**``
+    segment any number of whole segments, none included (``provider/**``
+    matches ``provider`` and everything below it).
+    """
+    parts = []
+    for seg in pattern.split("/"):
+        if seg == "**":
+            parts.append(r"(?:/[^/]+)*")
+        else:
+            body = "".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in seg)
+            parts.append("/" + body)
+    return re.compile("".join(parts) + r"\Z")
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a name glob, or None."""
+    probe = pattern.replace("**", "x").replace("*", "x").replace("?", "x")
+    problem = name_problem(probe)
+    return None if problem is None else f"not a name pattern: {problem}"
+
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """Return ``patterns`` if each is a valid name glob, else raise InvalidParams."""
+    for pattern in patterns:
+        problem = pattern_problem(pattern)
+        if problem is not None:
+            raise InvalidParams(f"invalid pattern {pattern[:64]!r}: {problem}")
+    return patterns
+
+
 def text_problem(secret: Secret) -> str | None:
     """Why a value cannot be stored as text (lone surrogates), or None."""
     try:

@@ -56,6 +56,17 @@ def encode_result_into(id_: Id, result: Any, out: bytearray) -> None:
     _encoder.encode_into(_Response("2.0", id_, result), out, len(out))
 
 
+class _Notification(msgspec.Struct, frozen=True, omit_defaults=True):
+    jsonrpc: str
+    method: str
+    params: Any = None
+
+
+def encode_notification(method: str, params: Any = None) -> bytes:
+    """One notification line (no id: never answered)."""
+    return _encoder.encode(_Notification("2.0", method, params)) + b"\n"
+
+
 def encode_error_into(id_: Id, error: SecretsError, out: bytearray) -> None:
     """Append one error response object (no newline) to ``out``."""
     data = None if error.reason is None else ErrorData(error.reason)
@@ -73,6 +84,19 @@ class _ReplyEnvelope(msgspec.Struct, frozen=True):
     error: ErrorObject | None = None
 
 
+class _NotificationEnvelope(msgspec.Struct, frozen=True):
+    jsonrpc: str
+    method: str
+    params: msgspec.Raw = msgspec.Raw()
+
+
+class Notification(msgspec.Struct, frozen=True):
+    """A line the agent sent unasked (a watch's event): ``method`` and raw ``params``."""
+
+    method: str
+    params: msgspec.Raw
+
+
 class Reply(msgspec.Struct, frozen=True):
     """A response matched to its request id: ``result`` raw, or ``error``.
 
@@ -86,6 +110,7 @@ class Reply(msgspec.Struct, frozen=True):
 
 
 _reply_decoder = msgspec.json.Decoder(_ReplyEnvelope)
+_notification_decoder = msgspec.json.Decoder(_NotificationEnvelope)
 _replies_decoder = msgspec.json.Decoder(list[_ReplyEnvelope])
 _result_decoders: dict[str, msgspec.json.Decoder[Any]] = {
     name: msgspec.json.Decoder(m.result, dec_hook=dec_hook) for name, m in METHODS.items()
@@ -98,6 +123,7 @@ class ClientProtocol:
     def __init__(self, max_reply: int = DEFAULT_MAX_REPLY) -> None:
         self._ids = itertools.count(1)
         self._splitter = FrameSplitter(max_reply)
+        self.notifications: list[Notification] = []
 
     def request(self, method: Method[P, Any], params: P) -> tuple[int, bytes]:
         """A new request id and the line to send."""
@@ -116,13 +142,22 @@ class ClientProtocol:
         return ids, b"[" + b",".join(parts) + b"]\n"
 
     def receive_data(self, data: bytes) -> list[Reply]:
-        """Feed received bytes; return the replies completed by them."""
+        """Feed received bytes; return the replies completed by them.
+
+        Notifications among them (on a connection with a watch) are kept in
+        ``notifications``, in order, for the caller to take.
+        """
         replies: list[Reply] = []
         for line in self._splitter.feed(data):
             try:
                 envs = _replies_decoder.decode(line) if line.lstrip()[:1] == b"[" else [_reply_decoder.decode(line)]
             except msgspec.DecodeError:
-                raise InvalidRequest("the agent sent a malformed reply") from None
+                try:
+                    note = _notification_decoder.decode(line)
+                except msgspec.DecodeError:
+                    raise InvalidRequest("the agent sent a malformed reply") from None
+                self.notifications.append(Notification(note.method, note.params))
+                continue
             for env in envs:
                 err = None
                 if env.error is not None:

@@ -21,7 +21,8 @@ import pytest
 
 from homeagent_secrets.client import SecretsClient
 from homeagent_secrets.daemon.peer import unit_of_cgroup
-from homeagent_secrets.daemon.policy import PolicyError, glob_regex, load
+from homeagent_secrets.daemon.policy import PolicyError, load
+from homeagent_secrets.protocol.names import glob_regex
 
 from .conftest import PASSPHRASE, Daemon, require_real, run_as
 

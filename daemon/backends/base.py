@@ -229,6 +229,11 @@ class Backend(abc.ABC):
     async def describe(self, name: str) -> DescribeResult | None:
         """Metadata without the value, or None when absent."""
 
+    async def versions(self) -> dict[str, int] | None:
+        """Every name's current version, for backends other agents also write
+        (OpenBao); None where this agent is the only writer."""
+        return None
+
     @abc.abstractmethod
     async def export(self, name: str) -> RecordExport | None:
         """The whole record of ``name`` (both values and metadata), or None."""

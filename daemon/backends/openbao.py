@@ -196,6 +196,20 @@ class OpenBaoBackend(ThreadedBackend):
 
         return await self._run("list secrets", walk)
 
+    async def versions(self) -> dict[str, int] | None:
+        names = await self.list("")
+
+        def read(client: Any) -> dict[str, int]:
+            found: dict[str, int] = {}
+            for name in names:
+                meta = self._metadata(client, name)
+                current = int(meta.get("current_version") or 0) if meta else 0
+                if meta and current and _alive(meta, current):
+                    found[name] = current
+            return found
+
+        return await self._run("read the secrets' versions", read)
+
     async def export(self, name: str) -> RecordExport | None:
         info = await self.describe(name)
         current = await self.retrieve(name)
