@@ -18,6 +18,7 @@
 # present) and the README in /usr/local/share/doc/homeagent-secrets. Nothing is
 # enabled or started: that is README's next step.
 set -euo pipefail
+trap 'echo "install.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 src=$(cd "$(dirname "$0")/.." && pwd)
 mode=system
@@ -50,9 +51,14 @@ done
 
 if [ "$mode" = system ]; then
     [ "$(id -u)" = 0 ] || die "the system install needs root (or use --session for your own user)"
+    unitdir=/etc/systemd/system
+    # --remove without --prefix/--user: what the installed unit runs from and as.
+    if [ "$remove" = 1 ] && [ -f "$unitdir/secretsd.service" ]; then
+        [ -n "$prefix" ] || prefix=$(sed -n 's#^ExecStart=\(/.*\)/bin/secretsd .*#\1#p' "$unitdir/secretsd.service")
+        [ "$user_given" = 1 ] || user=$(sed -n 's/^User=//p' "$unitdir/secretsd.service")
+    fi
     prefix=${prefix:-/opt/homeagent-secrets}
     bindir=/usr/local/bin
-    unitdir=/etc/systemd/system
     docdir=/usr/local/share/doc/homeagent-secrets
     systemctl=(systemctl)
     manager_runs() { [ -d /run/systemd/system ]; }
@@ -133,10 +139,11 @@ if ! is_our_venv "$prefix"; then
     python3 -m venv "$prefix"
 fi
 
-# What is installed now, to tell an upgrade from a re-run.
+# What is installed now (every file and its hash), to tell an upgrade from a
+# re-run; direct_url.json names the temporary build directory, new each time.
 installed_record() {
     { cat "$prefix"/lib/python3*/site-packages/homeagent_secrets-*.dist-info/RECORD 2>/dev/null || true; } \
-        | sha256sum
+        | sed '/\/direct_url.json,/d' | sha256sum
 }
 before=$(installed_record)
 
@@ -147,7 +154,7 @@ trap 'rm -rf "$stage"' EXIT
 tar -C "$src" --exclude='./.*' --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ \
     --exclude=./tests -cf - . | tar -C "$stage" -xf -
 target=$stage
-[ "$openbao" = 1 ] && target="$stage[openbao]"
+[ "$openbao" = 1 ] && target="${stage}[openbao]"
 say "installing $src into $prefix"
 "$prefix/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$target"
 changed=0
@@ -176,22 +183,28 @@ put() {
 }
 
 if [ "$mode" = system ]; then
-    # The user first, so its group can be named in the units.
-    sed "s/^u homeagent /u $user /" "$src/systemd/homeagent-secrets.sysusers" \
-        | put 0644 /etc/sysusers.d/homeagent-secrets.conf
+    # The user, and the dedicated group `homeagent` that owns the socket: with
+    # --user NAME an existing user keeps its own primary group (often a shared
+    # one like `users`) and only joins this one.
+    put 0644 /etc/sysusers.d/homeagent-secrets.conf < <(
+        sed "s/^u homeagent /u $user /" "$src/systemd/homeagent-secrets.sysusers"
+        if [ "$user" != homeagent ]; then
+            printf 'g homeagent -\nm %s homeagent\n' "$user"
+        fi)
     systemd-sysusers /etc/sysusers.d/homeagent-secrets.conf
-    group=$(id -gn "$user")
-    sed "s/ homeagent homeagent / $user $group /" "$src/systemd/homeagent-secrets.tmpfiles" \
-        | put 0644 /etc/tmpfiles.d/homeagent-secrets.conf
+    put 0644 /etc/tmpfiles.d/homeagent-secrets.conf < <(
+        sed "s/ homeagent homeagent / $user homeagent /" "$src/systemd/homeagent-secrets.tmpfiles")
     systemd-tmpfiles --create /etc/tmpfiles.d/homeagent-secrets.conf
 
+    # (put reads from a redirection, not a pipe: a pipe would run it in a
+    # subshell and lose `wrote`.)
     wrote=0
     for u in "${units[@]}"; do
-        sed -e "s#/opt/homeagent-secrets#$prefix#g" \
-            -e "s/^User=homeagent\$/User=$user/" \
-            -e "s/^SocketUser=homeagent\$/SocketUser=$user/" \
-            -e "s/^\(Group\|SocketGroup\|SupplementaryGroups\)=homeagent\$/\1=$group/" \
-            "$src/systemd/$u" | put 0644 "$unitdir/$u"
+        put 0644 "$unitdir/$u" < <(
+            sed -e "s#/opt/homeagent-secrets#$prefix#g" \
+                -e "s/^User=homeagent\$/User=$user/" \
+                -e "s/^SocketUser=homeagent\$/SocketUser=$user/" \
+                "$src/systemd/$u")
     done
     if [ "$openbao" = 1 ]; then
         put 0644 "$unitdir/secretsd.service.d/openbao.conf" <"$src/systemd/secretsd-openbao.conf"
@@ -199,9 +212,9 @@ if [ "$mode" = system ]; then
     units_changed=$wrote
 
     # The config is the admin's: written once, never overwritten.
-    install -d -m 0750 -o root -g "$group" /etc/homeagent
+    install -d -m 0750 -o root -g homeagent /etc/homeagent
     if [ ! -e /etc/homeagent/secretsd.toml ]; then
-        install -m 0640 -o root -g "$group" "$src/systemd/secretsd.toml" /etc/homeagent/secretsd.toml
+        install -m 0640 -o root -g homeagent "$src/systemd/secretsd.toml" /etc/homeagent/secretsd.toml
     fi
 else
     wrote=0

@@ -36,6 +36,7 @@ SOCKET = "/run/homeagent/secretsd.sock"
 # secretsctl does not probe /run/homeagent/ yet: clients name the system socket.
 AS_AGENT = {"HOMEAGENT_SECRETS_SOCKET": SOCKET}
 VENV_PY = "/opt/homeagent-secrets/bin/python"
+MOVED = "/srv/homeagent-secrets"  # the --prefix of the reinstall
 
 # Fresh for each run: if either shows up in the journal, a secret leaked.
 PASSPHRASE = "canary-passphrase-" + secrets.token_hex(6)
@@ -379,7 +380,9 @@ def test_remove_keeps_the_secrets_and_a_reinstall_comes_back_unlocked(machine: c
     for kept in ("/var/lib/homeagent/backend", "/etc/credstore.encrypted/secretsd-passphrase"):
         c.run(["test", "-e", kept])
     c.run([f"{SRC}/systemd/install.sh", "--remove"])  # again: nothing left to do, no error
-    c.run([f"{SRC}/systemd/install.sh"], timeout=600)
+    # Back, this time in another prefix.
+    c.run([f"{SRC}/systemd/install.sh", "--prefix", MOVED], timeout=600)
+    assert show(c, "secretsd.service", "ExecStart").count(f"{MOVED}/bin/secretsd") == 2  # path= and argv[]=
     c.run(["systemctl", "enable", "--now", "secretsd.socket", "secretsd.service", "secretsd-unlock.service"])
     wait_until(lambda: served(c), 30, "served after reinstall")
     c.reboot()
@@ -431,7 +434,11 @@ def test_the_desktop_sequence_from_clone_to_a_socket_activated_user_agent(machin
 def test_after_migrate_to_openbao_the_service_starts_on_openbao(
         machine: container.Container, bao_dev) -> None:  # type: ignore[no-untyped-def]
     c = machine
-    c.run([f"{SRC}/systemd/install.sh", "--openbao"], timeout=600)
+    pid = show(c, "secretsd.service", "MainPID")
+    upgrade = c.run([f"{SRC}/systemd/install.sh", "--prefix", MOVED, "--openbao"], timeout=600)
+    # Its units changed (a drop-in): the running agent is restarted, and unlocked again.
+    assert "restarting" in upgrade.stdout and show(c, "secretsd.service", "MainPID") != pid
+    wait_until(lambda: served(c), 30, "served after the upgrade")
     prefix = f"realsystemd-{secrets.token_hex(4)}/"
     c.run(["sh", "-c", "umask 027; cat > /etc/homeagent/bao-token && chgrp homeagent /etc/homeagent/bao-token"],
           input=bao_dev.root_token)
