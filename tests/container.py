@@ -1,6 +1,7 @@
 """A real systemd as PID 1 in a container, for tests that drive units as an admin would.
 
-    with booted(checkout=ROOT) as c:          # Debian 12 rootfs, cached; boots in ~3 s
+    with booted(extra_packages=["procps"]) as c:   # Debian 12, cached rootfs; boots in ~1 s
+        c.copy_in(checkout, "/root/src", files)
         c.run(["systemctl", "enable", "--now", "x.socket"])
         c.run(["secretsctl", "status"], user="homeagent", env={...})
         c.reboot()
@@ -79,7 +80,7 @@ def rootfs(extra_packages: Sequence[str] = ()) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         out = subprocess.run(
             ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(partial)],
-            capture_output=True, text=True)
+            check=False, capture_output=True, text=True)
         if out.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
             raise ContainerError(f"mmdebstrap failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -87,8 +88,8 @@ def rootfs(extra_packages: Sequence[str] = ()) -> Path:
     return final
 
 
-def host_pip_settings() -> tuple[dict[str, str], list[str]]:
-    """([global] pip settings for the container, host directories they need).
+def host_pip_settings() -> tuple[dict[str, str], Path, list[str]]:
+    """(the host's [global] pip settings, its CA bundle, the host directories they name).
 
     Only the registries are reachable, often through an intercepting proxy: pip
     inside needs the host's CA bundle and whatever index settings the host uses.
@@ -103,24 +104,18 @@ def host_pip_settings() -> tuple[dict[str, str], list[str]]:
         env = os.environ.get("PIP_" + key.upper().replace("-", "_"))
         if env:
             settings[key] = env
-    settings.pop("cert", None)  # replaced by the copied bundle
-    settings["cert"] = CA_BUNDLE
+    bundle = next((Path(c) for c in (settings.pop("cert", None), os.environ.get("REQUESTS_CA_BUNDLE"),
+                                     "/etc/ssl/certs/ca-certificates.crt") if c and os.path.isfile(c)), None)
+    if bundle is None:
+        raise ContainerError("no CA bundle on the host to give pip inside the container")
     binds: list[str] = []
     for key in ("index-url", "extra-index-url", "find-links"):
         for item in settings.get(key, "").split():
-            path = item.removeprefix("file://") if item.startswith("file://") else item
+            path = item.removeprefix("file://")
             if path.startswith("/") and os.path.isdir(path):
                 # A local "simple" index links its files by relative paths beside it.
                 binds.append(str(Path(path).parent) if Path(path).name == "simple" else path)
-    return settings, binds
-
-
-def host_ca_bundle() -> Path:
-    for candidate in (os.environ.get("PIP_CERT"), os.environ.get("REQUESTS_CA_BUNDLE"),
-                      "/etc/ssl/certs/ca-certificates.crt"):
-        if candidate and os.path.isfile(candidate):
-            return Path(candidate)
-    raise ContainerError("no CA bundle on the host to give pip inside the container")
+    return settings, bundle, binds
 
 
 # --- one container ---------------------------------------------------------------------------
@@ -142,8 +137,9 @@ class Container:
         # A fixed machine id: one journal directory across reboots.
         (self.root / "etc/machine-id").write_text(secrets.token_hex(16) + "\n")
         (self.root / "etc/hostname").write_text(self.name + "\n")
-        settings, self._binds = host_pip_settings()
-        shutil.copyfile(host_ca_bundle(), self.root / CA_BUNDLE.lstrip("/"))
+        settings, bundle, self._binds = host_pip_settings()
+        shutil.copyfile(bundle, self.root / CA_BUNDLE.lstrip("/"))
+        settings["cert"] = CA_BUNDLE
         (self.root / "etc/pip.conf").write_text(
             "[global]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
         self.pip_cache = CACHE / "pip"
@@ -161,7 +157,6 @@ class Container:
         if self._nspawn is not None:
             raise ContainerError("already booted")
         t0 = time.monotonic()
-        log = open(self.console_log, "ab")
         cmd = ["systemd-nspawn", "--quiet", "-D", str(self.root), "--boot", "--register=no",
                "--keep-unit", f"--machine={self.name}", "--console=read-only",
                # nspawn's own seccomp filter allows mlock only to containers with
@@ -170,9 +165,9 @@ class Container:
                f"--bind={self.pip_cache}:/root/.cache/pip",
                *(f"--bind-ro={b}" for b in self._binds)]
         # Its own process group: a stuck nspawn can be killed with everything it started.
-        self._nspawn = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        start_new_session=True)
-        log.close()
+        with open(self.console_log, "ab") as log:
+            self._nspawn = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            start_new_session=True)
         self.boots += 1
         try:
             self._pid1 = self._find_pid1(t0 + timeout)
@@ -186,7 +181,8 @@ class Container:
                     break
                 time.sleep(0.1)
             if state not in ("running", "degraded"):
-                raise ContainerError(f"boot ended in state {state!r}")
+                raise ContainerError(f"boot ended in state {state!r}; console: "
+                                     + self.console_log.read_text(errors="replace")[-2000:])
             self.state = state  # "degraded": some unit failed; `systemctl --failed` says which
         except BaseException:
             self.stop()
@@ -240,7 +236,7 @@ class Container:
         shown = shlex.join(full[full.index("--", full.index("setpriv")) + 1:])
         try:
             out = subprocess.run(full, input=input if input is not None else "", capture_output=True,
-                                 text=True, timeout=timeout)
+                                 text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
             raise ContainerError(f"timed out after {timeout} s: {shown}") from exc
         if check and out.returncode != 0:
@@ -253,29 +249,27 @@ class Container:
         """Start ``cmd`` inside without waiting; the caller kills and waits for it."""
         return subprocess.Popen(self.command(cmd, user=user, env=env), **kwargs)
 
-    def host_pid(self, pid: int) -> int:
-        """The host PID of the container's process ``pid``."""
-        for child in _descendants(self.pid1):
-            try:
-                status = Path(f"/proc/{child}/status").read_text()
-            except OSError:
-                continue
-            nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
-            if len(nspid) >= 2 and nspid[-1] == str(pid):
-                return child
-        raise ContainerError(f"no process {pid} in the container")
-
     def copy_in(self, src: Path, dest: str, files: Sequence[str] | None = None, owner: str | None = None) -> None:
-        """Copy ``src`` (or the listed files below it) to ``dest`` inside; chown to ``owner``."""
-        target = self.root / dest.lstrip("/")
-        if files is None:
-            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
-        else:
-            for rel in files:
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src / rel, target / rel, follow_symlinks=False)
+        """Copy ``src`` (or the listed files below it) to ``dest`` inside, owned by ``owner`` (else root).
+
+        Through tar into the container, so every path resolves inside it (the
+        rootfs has absolute symlinks, which would point into the host from here).
+        """
+        self.run(["mkdir", "-p", dest])
+        names = "\0".join(files if files is not None else ["."]).encode()
+        pack = subprocess.Popen(["tar", "-C", str(src), "--null", "-T", "-", "-cf", "-"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        unpack = subprocess.Popen(self.command(["tar", "-C", dest, "--no-same-owner", "-xf", "-"]),
+                                  stdin=pack.stdout, stderr=subprocess.PIPE)
+        assert pack.stdin is not None and pack.stdout is not None
+        pack.stdout.close()  # unpack holds it now
+        pack.stdin.write(names)
+        pack.stdin.close()
+        _, err = unpack.communicate(timeout=120)
+        if pack.wait(120) != 0 or unpack.returncode != 0:
+            raise ContainerError(f"copying {src} to {dest} failed: {err.decode(errors='replace')}")
         if owner is not None:
-            self.run(["chown", "-R", f"{owner}:{owner}", dest])
+            self.run(["chown", "-R", f"{owner}:", dest])
 
     def journal(self, *args: str) -> str:
         """The container's journal, every boot (``journalctl`` arguments may narrow it)."""
@@ -303,8 +297,11 @@ class Container:
         """Power off (SIGTERM, then SIGKILL, to nspawn if that hangs) and delete the copy."""
         if self._nspawn is not None:
             if self._nspawn.poll() is None and self._pid1 is not None:
-                subprocess.run(["nsenter", "-t", str(self._pid1), "-a", "--", "systemctl", "poweroff"],
-                               capture_output=True, timeout=10, check=False)
+                try:
+                    subprocess.run(["nsenter", "-t", str(self._pid1), "-a", "--", "systemctl", "poweroff"],
+                                   capture_output=True, timeout=10, check=False)
+                except subprocess.TimeoutExpired:
+                    pass  # the signals below end it
             try:
                 self._nspawn.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -330,14 +327,6 @@ def _children(pid: int) -> list[int]:
     except OSError:
         pass
     return kids
-
-
-def _descendants(pid: int) -> Iterator[int]:
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        yield p
-        todo += _children(p)
 
 
 @contextmanager

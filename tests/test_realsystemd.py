@@ -339,12 +339,10 @@ def test_without_the_sealed_passphrase_the_console_fallback_asks_and_a_tty_agent
 def test_stop_drains_and_exits_0_and_the_journal_holds_no_secret(machine: container.Container) -> None:
     c = machine
     # A connection in the middle of a request when the stop comes.
-    holder = c.popen([VENV_PY, "-c",
-                      "import socket, sys, time\n"
-                      f"s = socket.socket(socket.AF_UNIX); s.connect('{SOCKET}')\n"
-                      "s.sendall(b'{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}\\n')\n"
-                      "print(s.makefile().readline(), flush=True); time.sleep(30)\n"],
-                     user="homeagent", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = (f"import socket, time\ns = socket.socket(socket.AF_UNIX); s.connect('{SOCKET}')\n"
+              "s.sendall(b'{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}\\n')\n"
+              "print(s.makefile().readline(), flush=True); time.sleep(30)\n")
+    holder = c.popen([VENV_PY, "-c", client], user="homeagent", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert holder.stdout is not None and b'"result"' in holder.stdout.readline()
         t0 = time.monotonic()
