@@ -20,12 +20,13 @@ import statistics
 import subprocess
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from . import container
+from .baoserver import ROOT_TOKEN, DevServer
 from .conftest import require_real
 
 pytestmark = pytest.mark.slow
@@ -66,8 +67,15 @@ sys.exit(1)
 
 
 def checkout_files() -> list[str]:
-    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"],
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    """What a clone holds: git's view when there is one, else the tree minus caches and venvs."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"],
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        skip = {"__pycache__", "build", "dist"}
+        out = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+               if not any(part.startswith(".") or part in skip or part.endswith(".egg-info")
+                          for part in p.relative_to(ROOT).parts)]
     return [f for f in out if f and (ROOT / f).is_file()]
 
 
@@ -87,10 +95,12 @@ def agent(c: container.Container, *args: str, input: str | None = None,
 
 
 def show(c: container.Container, unit: str, prop: str) -> str:
+    """One property of a unit, as `systemctl show` reports it."""
     return c.run(["systemctl", "show", "-p", prop, "--value", unit]).stdout.strip()
 
 
-def wait_until(pred, timeout: float, what: str, step: float = 0.05) -> float:  # type: ignore[no-untyped-def]
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
+    """Seconds until ``pred()`` held; fails the test after ``timeout``."""
     t0 = time.monotonic()
     while not pred():
         assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s"
@@ -430,7 +440,7 @@ def test_the_desktop_sequence_from_clone_to_a_socket_activated_user_agent(machin
 
 
 def test_after_migrate_to_openbao_the_service_starts_on_openbao(
-        machine: container.Container, bao_dev) -> None:  # type: ignore[no-untyped-def]
+        machine: container.Container, bao_dev: DevServer) -> None:
     c = machine
     pid = show(c, "secretsd.service", "MainPID")
     upgrade = c.run([f"{SRC}/systemd/install.sh", "--prefix", MOVED, "--openbao"], timeout=600)
@@ -439,7 +449,7 @@ def test_after_migrate_to_openbao_the_service_starts_on_openbao(
     wait_until(lambda: served(c), 30, "served after the upgrade")
     prefix = f"realsystemd-{secrets.token_hex(4)}/"
     c.run(["sh", "-c", "umask 027; cat > /etc/homeagent/bao-token && chgrp homeagent /etc/homeagent/bao-token"],
-          input=bao_dev.root_token)
+          input=ROOT_TOKEN)
     c.run(["sh", "-c", "cat >> /etc/homeagent/secretsd.toml"],
           input=f'openbao_address = ["{bao_dev.address}"]\nopenbao_prefix = "{prefix}"\n'
                 'openbao_token_file = "/etc/homeagent/bao-token"\n')
