@@ -335,6 +335,18 @@ def test_without_the_sealed_passphrase_the_console_fallback_asks_and_a_tty_agent
             "cat /run/systemd/ask-password/ask.* 2>/dev/null", check=False).stdout, 30,
             "a password request from secretsd-unlock.service")
         assert agent(c, "get", "llm/openai", check=False).returncode == 3  # locked, asking
+        # While it waits, its sandbox can be seen: root without a capability, which
+        # can write its request and nothing else, and cannot read what root owns.
+        pid = show(c, "secretsd-unlock.service", "MainPID")
+        status = c.run(["cat", f"/proc/{pid}/status"]).stdout
+        assert re.search(r"^Uid:\s+0\s", status, re.MULTILINE), status
+        assert re.search(r"^CapEff:\s+0+$", status, re.MULTILINE), status
+        inside = ["nsenter", "-t", pid, "-m", "--"]
+        assert "Read-only" in c.run([*inside, "touch", "/usr/.probe"], check=False).stderr
+        assert "Read-only" in c.run([*inside, "touch", "/run/.probe"], check=False).stderr
+        c.run([*inside, "sh", "-c", "touch /run/systemd/ask-password/.probe && rm /run/systemd/ask-password/.probe"])
+        assert "root:" not in c.run([*inside, "cat", "/etc/shadow"], check=False).stdout
+        assert "root:" in c.run(["cat", "/etc/shadow"]).stdout  # the control: outside it is there
         shown = answer_password_requests(c, PASSPHRASE)
         assert "Passphrase for the homeagent secrets agent" in shown and PASSPHRASE not in shown
         wait_until(lambda: served(c), 15, "unlocked through the console answer")
