@@ -257,27 +257,32 @@ def test_one_config_switch_and_migrate_move_a_file_installation_to_openbao(
                       'openbao_prefix = "moved/"\n')
     d = Daemon(short_tmp / "mv-home", short_tmp / "mv.sock", short_tmp / "mv.log",
                ["--backend", "file", "--config", str(config)]).start()
-    with SecretsClient(d.socket) as c:
-        c.init("file passphrase")
-        c.store("hue/bridge", "t1", kind="provider")
-        c.rotate("hue/bridge", "t2")
-        c.store("llm/openai", "sk-1", kind="llm")
-    r = d.ctl("migrate", "--to", "openbao")
-    assert r.returncode == 0, r.stderr
-    assert "2 secret(s) copied and verified, 2 original(s) removed" in r.stderr
-    assert list((d.home / "secrets").glob("*.rec")) == []
-    with SecretsClient(d.socket) as c:
-        assert c.status().backend == "openbao"
-        assert c.get("hue/bridge") == "t2" and c.get("hue/bridge", previous=True) == "t1"
-        assert c.describe("llm/openai").kind == "llm"  # type: ignore[union-attr]
-    kv = hvac_client(bao_dev.address).secrets.kv.v2
-    got = kv.read_secret_version("moved/hue/bridge", mount_point="secret", raise_on_deleted_version=True)
-    assert got["data"]["data"] == {"value": "t2"}
-    d.stop()
-    d.args = ["--backend", "auto", "--config", str(config)]  # the recorded choice is openbao now
-    d.start()
-    with SecretsClient(d.socket) as c:
-        assert c.status().backend == "openbao" and c.get("llm/openai") == "sk-1"
+    try:
+        with SecretsClient(d.socket) as c:
+            c.init("file passphrase")
+            c.store("hue/bridge", "t1", kind="provider")
+            c.rotate("hue/bridge", "t2")
+            c.store("llm/openai", "sk-1", kind="llm")
+        r = d.ctl("migrate", "--to", "openbao")
+        assert r.returncode == 0, r.stderr
+        assert "2 secret(s) copied and verified, 2 original(s) removed" in r.stderr
+        assert list((d.home / "secrets").glob("*.rec")) == []
+        with SecretsClient(d.socket) as c:
+            assert c.status().backend == "openbao"
+            assert c.get("hue/bridge") == "t2" and c.get("hue/bridge", previous=True) == "t1"
+            assert c.describe("llm/openai").kind == "llm"  # type: ignore[union-attr]
+        kv = hvac_client(bao_dev.address).secrets.kv.v2
+        got = kv.read_secret_version("moved/hue/bridge", mount_point="secret", raise_on_deleted_version=True)
+        assert got["data"]["data"] == {"value": "t2"}
+        d.stop()
+        d.args = ["--backend", "auto", "--config", str(config)]  # the recorded choice is openbao now
+        d.start()
+        with SecretsClient(d.socket) as c:
+            assert c.status().backend == "openbao" and c.get("llm/openai") == "sk-1"
+    finally:
+        # The daemon is started by hand here, not by daemon_factory: stop it, pass or fail.
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
 
 
 async def test_token_from_a_systemd_credential_never_in_argv_or_logs(
