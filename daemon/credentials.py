@@ -6,10 +6,21 @@ systemd connect to this socket from an abstract address of the form
 until EOF. The agent maps (unit, id) to a secret name with the rules file's
 ``[[credential]]`` entries and writes exactly the stored value's bytes.
 
-The unit name in that address is trusted only from root (uid 0): any other
-process could bind such an address itself. A request the agent cannot serve
-(not from root, no mapping, agent locked, no such secret) gets no value and a
-journal line naming the unit, the credential and the reason.
+Who asks: on systemd 252 the connecting process is not PID 1 but the child
+PID 1 forked to start the unit, running as root inside the unit's own cgroup.
+So the unit name in the address is believed only from uid 0 *and* from a
+process that is PID 1 or sits in that very unit's cgroup (read through a
+pidfd-checked /proc, see peer.py). Anyone else could bind such an address
+itself; it gets nothing.
+
+Refusing: systemd takes an empty answer (the peer closing at once) as an empty
+credential and starts the unit. What makes it fail is more than its 1 MiB
+credential limit: systemd 252 reads one byte past the limit and aborts the
+unit at step CREDENTIALS ("Protocol error", status 243/CREDENTIALS; measured
+in tests/test_credentials.py). So a request from systemd the agent cannot
+serve (no mapping, agent locked, no such secret, a value over the limit) is
+answered with 1 MiB + 1 zero bytes, never a secret, and the agent logs which
+unit, which credential and why.
 """
 
 from __future__ import annotations
@@ -26,11 +37,15 @@ from anyio.abc import SocketAttribute, TaskStatus
 from homeagent_secrets.protocol.errors import SecretsError
 
 from .agent import Agent
+from .audit import Outcome
 from .peer import Peer, peer_of
 
 log = logging.getLogger(__name__)
 
 _REQUEST: Final = re.compile(rb"\x00[0-9a-f]+/unit/(?P<unit>[^/\x00]+)/(?P<id>[^/\x00]+)\Z")
+#: systemd's CREDENTIAL_SIZE_MAX: a source sending more makes the unit fail to start.
+SYSTEMD_CREDENTIAL_MAX: Final = 1 << 20
+REFUSAL: Final = bytes(SYSTEMD_CREDENTIAL_MAX + 1)
 
 
 def parse_request(address: bytes | str) -> tuple[str, str] | None:
@@ -67,7 +82,10 @@ class CredentialServer:
                 return
             if value is not None:
                 with anyio.move_on_after(10):
-                    await stream.send(value)
+                    try:
+                        await stream.send(value)
+                    except (anyio.BrokenResourceError, OSError):
+                        pass  # systemd stops reading once a refusal is over its limit
 
     async def _value_for(self, raw: socket.socket) -> bytes | None:
         peer = peer_of(raw)
@@ -78,29 +96,34 @@ class CredentialServer:
             return None
         unit, cred_id = request
         audited = Peer(peer.uid, peer.gid, peer.pid, unit)
-        if peer.uid != 0:
-            log.warning("credentials socket: %s claims to be %s asking for %r, but only root "
-                        "(systemd) is believed; nothing was sent", peer, unit, cred_id)
+        if peer.uid != 0 or (peer.pid != 1 and peer.unit != unit):
+            log.warning("credentials socket: %s claims to be %s asking for %r, but only systemd "
+                        "starting that unit is believed; nothing was sent", peer, unit, cred_id)
             self.agent.audit.record(audited, "credential", None, "denied", -32010)
             return None
         name = self.agent.policy.credential_name(unit, cred_id)
         if name is None:
-            log.error("credential %r for %s: no [[credential]] in the rules maps it to a secret; "
-                      "nothing was sent and the unit does not get it", cred_id, unit)
-            self.agent.audit.record(audited, "credential", None, "not_found", -32004)
-            return None
+            return self._refuse(audited, cred_id, None, "no [[credential]] in the rules maps it to a "
+                                "secret", "not_found", -32004)
         try:
             found = await self.agent.backend.retrieve(name)
         except SecretsError as exc:
-            log.error("credential %r for %s (secret %s): %s; nothing was sent", cred_id, unit, name,
-                      exc.message)
-            self.agent.audit.record(audited, "credential", name, "error", exc.code)
-            return None
+            return self._refuse(audited, cred_id, name, exc.message, "error", exc.code)
         if found is None:
-            log.error("credential %r for %s: the secret %s does not exist; nothing was sent",
-                      cred_id, unit, name)
-            self.agent.audit.record(audited, "credential", name, "not_found", -32004)
-            return None
+            return self._refuse(audited, cred_id, name, "that secret does not exist", "not_found", -32004)
+        value = found.value.reveal().encode("utf-8")
+        if len(value) > SYSTEMD_CREDENTIAL_MAX:
+            return self._refuse(audited, cred_id, name, f"the value is {len(value)} bytes, over "
+                                "systemd's 1 MiB credential limit", "error", -32007)
         log.info("delivered credential %r to %s (secret %s)", cred_id, unit, name)
         self.agent.audit.record(audited, "credential", name, "ok", None)
-        return found.value.reveal().encode("utf-8")
+        return value
+
+    def _refuse(self, peer: Peer, cred_id: str, name: str | None, why: str, outcome: Outcome,
+                code: int) -> bytes:
+        """Make systemd fail the unit's start (see the module's docstring), and say why."""
+        log.error("credential %r for %s%s: %s; refused, the unit will not start (systemd reports "
+                  "status 243/CREDENTIALS)", cred_id, peer.unit, f" (secret {name})" if name else "",
+                  why)
+        self.agent.audit.record(peer, "credential", name, outcome, code)
+        return REFUSAL

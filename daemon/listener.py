@@ -13,6 +13,7 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from homeagent_secrets.protocol.errors import SecretsError
 
@@ -148,20 +149,38 @@ def bind_unix(path: Path, backlog: int = 512, group: int | None = None) -> Bound
     return BoundSocket(sock, path, (st.st_dev, st.st_ino))
 
 
-def inherited_socket(env: dict[str, str] | None = None) -> BoundSocket | None:
-    """The socket systemd passed us (LISTEN_PID/LISTEN_FDS), or None."""
+#: The FileDescriptorName= (or socket unit name) of the credentials socket.
+CREDENTIALS_FD_NAMES: Final = frozenset({"credentials", "secretsd-credentials.socket"})
+
+
+def inherited_sockets(env: dict[str, str] | None = None) -> dict[str, BoundSocket]:
+    """The sockets systemd passed us (LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES), by role.
+
+    ``"agent"`` is the clients' socket; ``"credentials"`` the one named
+    ``credentials`` (FileDescriptorName=) or ``secretsd-credentials.socket``.
+    Empty when nothing was passed.
+    """
     env = dict(os.environ) if env is None else env
     if env.get("LISTEN_PID") != str(os.getpid()) or not env.get("LISTEN_FDS"):
-        return None
+        return {}
     count = int(env["LISTEN_FDS"])
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)  # not inherited by anything we might start
-    if count != 1:
-        raise ListenerError(f"systemd passed {count} sockets; secretsd takes exactly one")
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise ListenerError(
-            "the socket systemd passed is not a Unix stream socket: use ListenStream=PATH"
-        )
-    os.set_inheritable(sock.fileno(), False)
-    return BoundSocket(sock, None)
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # not inherited by anything we might start
+    found: dict[str, BoundSocket] = {}
+    for i in range(count):
+        name = names[i] if i < len(names) else ""
+        role = "credentials" if name in CREDENTIALS_FD_NAMES else "agent"
+        if role in found:
+            raise ListenerError(f"systemd passed {count} sockets; secretsd takes one for clients "
+                                "and at most one named 'credentials'")
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START + i)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ListenerError(
+                "a socket systemd passed is not a Unix stream socket: use ListenStream=PATH"
+            )
+        os.set_inheritable(sock.fileno(), False)
+        found[role] = BoundSocket(sock, None)
+    if "agent" not in found:
+        raise ListenerError("systemd passed only the credentials socket; secretsd.socket is missing")
+    return found

@@ -30,7 +30,7 @@ from .backends.base import Backend
 from .dispatch import Dispatcher
 from .hardening import harden_process
 from .homelock import HomeLock
-from .listener import BoundSocket, bind_unix, inherited_socket
+from .listener import BoundSocket, bind_unix, inherited_sockets
 from .logsetup import setup_logging
 from .credentials import CredentialServer
 from .migration import Migrator
@@ -126,12 +126,13 @@ async def open_backend(settings: Settings) -> Backend:
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT."""
     home = settings.home_path
-    bound: BoundSocket | None = inherited_socket()
+    passed = inherited_sockets()
+    bound = passed.get("agent")
     where = str(settings.socket_path) if bound is None else bound.name()
     lock = HomeLock(home)
     await anyio.to_thread.run_sync(lock.acquire, where)
     try:
-        await serve(settings, lock, bound, where)
+        await serve(settings, bound, passed.get("credentials"), where)
     finally:
         lock.release()
 
@@ -162,7 +163,8 @@ async def reload(agent: Agent, settings: Settings) -> None:
     agent.audit.reopen()
 
 
-async def serve(settings: Settings, lock: HomeLock, bound: BoundSocket | None, where: str) -> None:
+async def serve(settings: Settings, bound: BoundSocket | None, creds: BoundSocket | None,
+                where: str) -> None:
     notifier = Notifier()
     policy = (policy_mod.load(Path(settings.policy_file)) if settings.policy_file
               else policy_mod.Policy())
@@ -182,10 +184,9 @@ async def serve(settings: Settings, lock: HomeLock, bound: BoundSocket | None, w
                     pending.target)
     if bound is None:
         bound = bind_unix(settings.socket_path, group=group_id(settings.socket_group))
-    creds: BoundSocket | None = None
-    if settings.credentials_socket:
-        creds = bind_unix(Path(settings.credentials_socket))
+    if creds is None and settings.credentials_socket:
         # systemd (root) connects; nobody else is believed, and the file stays 0600.
+        creds = bind_unix(Path(settings.credentials_socket))
     server = Server(
         Dispatcher(agent),
         bound.sock,

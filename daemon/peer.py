@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -75,6 +75,17 @@ def _read(path: str) -> str:
         return f.read(65536)
 
 
+def _exited(pidfd: int) -> bool:
+    """Whether the process behind ``pidfd`` has exited (a pidfd polls readable then).
+
+    Polling needs no permission over the process (a signal 0 would: the peer
+    may be root while the agent is not).
+    """
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def peer_of(sock: socket.socket, details: bool = True) -> Peer:
     """The credentials of the process at the other end of a Unix socket.
 
@@ -96,9 +107,7 @@ def peer_of(sock: socket.socket, details: bool = True) -> Peer:
             groups = _groups_of(_read(f"/proc/{pid}/status"))
         except OSError:
             return Peer(uid, gid, pid)
-        try:
-            signal.pidfd_send_signal(pidfd, 0)  # still the same process?
-        except OSError:
+        if _exited(pidfd):
             return Peer(uid, gid, pid)  # it exited: what we read may be another process's
         return Peer(uid, gid, pid, unit, groups)
     finally:

@@ -82,7 +82,7 @@ case "$user" in
 esac
 
 units=(secretsd.service secretsd.socket)
-[ "$mode" = system ] && units+=(secretsd-unlock.service)
+[ "$mode" = system ] && units+=(secretsd-unlock.service secretsd-credentials.socket)
 
 # A venv this script made: refuse to install into or delete anything else.
 is_our_venv() { [ -f "$1/pyvenv.cfg" ] && [ -x "$1/bin/python" ]; }
@@ -153,7 +153,7 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 tar -C "$src" --exclude='./.*' --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ \
     --exclude=./tests -cf - . | tar -C "$stage" -xf -
-target=$stage
+target="${stage}[daemon]"
 [ "$openbao" = 1 ] && target="${stage}[openbao]"
 say "installing $src into $prefix"
 "$prefix/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$target"
