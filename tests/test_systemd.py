@@ -66,7 +66,8 @@ def test_units_verify_clean(short_tmp: Path) -> None:
     user = short_tmp / "user-units"
     user.mkdir()
     for u in (UNITS / "user").iterdir():
-        (user / u.name).write_text(u.read_text().replace("%h/.local/bin/secretsd", shutil.which("secretsd") or ""))
+        secretsd = shutil.which("secretsd") or str(Path(sys.executable).parent / "secretsd")
+        (user / u.name).write_text(u.read_text().replace("%h/.local/bin/secretsd", secretsd))
     runtime = short_tmp / "xdg-runtime"
     runtime.mkdir(mode=0o700)
     for flags, files in (([], [system / "secretsd.service", system / "secretsd.socket",
