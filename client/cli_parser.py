@@ -30,6 +30,9 @@ from .cli_errors import (
 PROG: Final = "secretsctl"
 #: The hidden command the shell completion calls for secret names.
 COMPLETE: Final = "__complete"
+#: Every command, in the order --help lists them (the hidden COMPLETE is not listed).
+COMMANDS: Final = ("init", "unlock", "lock", "passwd", "status", "set", "get", "rm", "ls",
+                   "rotate", "describe", "migrate", "completion", COMPLETE)
 #: Metavars of the positionals that take a secret name (completed from the agent).
 NAME_METAVARS: Final = ("NAME", "PREFIX")
 
@@ -136,9 +139,10 @@ def _agent_options(p: argparse.ArgumentParser, top: bool) -> None:
 
 
 class _Skipped:
-    """Stands in for the parser of a command that was not asked for: when argv names
-    one command, only that one gets its arguments (argparse builds a help formatter
-    for each, a cost every `secretsctl get` would pay for a dozen commands)."""
+    """Stands in for the parser of a command that was not asked for. When argv names
+    a command, only its parser is made: argparse builds a help formatter for every
+    argument and looks up translations for every parser, a cost every `secretsctl
+    get` would pay for a dozen commands it does not run."""
 
     def add_argument(self, *args: Any, **kw: Any) -> None:
         pass
@@ -148,21 +152,22 @@ _Sink = argparse.ArgumentParser | _Skipped
 
 
 def command_in(argv: list[str]) -> str | None:
-    """The command word of ``argv`` as argparse will see it (None if there is none)."""
+    """The command ``argv`` runs, as argparse will see it; None when argparse may need
+    every command (none named, an unknown one, or help or --version asked first)."""
     words = iter(argv)
     for word in words:
         if word in ("--socket", "--home", "--timeout"):
             next(words, None)
-        elif word == "--":
+        elif word in ("-h", "--help", "--version", "--"):
             return None
         elif not word.startswith("-"):
-            return word
+            return word if word in COMMANDS else None
     return None
 
 
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The command line of secretsctl: complete, or (given ``argv``) with only the
-    arguments of the command ``argv`` names (the others are listed, for help and errors)."""
+    command ``argv`` runs when it names one (see ``command_in``)."""
     only = None if argv is None else command_in(argv)
     p = _Parser(prog=PROG,
                 description="Talk to the homeagent secrets agent (secretsd). Values and "
@@ -179,7 +184,6 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     def add(name: str, help: str, codes: tuple[int, ...], rules: str = "") -> _Sink:
         if only is not None and name != only:
-            sub.add_parser(name, help=help, add_help=False)
             return _Skipped()
         sp = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                             epilog=_epilog(codes, rules))

@@ -27,8 +27,8 @@ from .terminal import Terminal
 
 CTL = [sys.executable, "-m", "homeagent_secrets.client.cli"]
 BIN = Path(sys.executable).parent
-COMMANDS = ["init", "unlock", "lock", "passwd", "status", "set", "get", "rm", "ls", "rotate",
-            "describe", "migrate", "completion"]
+COMMANDS_LISTED = ["init", "unlock", "lock", "passwd", "status", "set", "get", "rm", "ls",
+                   "rotate", "describe", "migrate", "completion"]
 
 
 def ctl_bytes(d: Daemon, *args: str, input: bytes | None = None, **kw: object
@@ -122,7 +122,7 @@ def test_version_of_both_programs() -> None:
     assert (r.returncode, r.stdout.strip()) == (0, f"secretsd {__version__}"), r.stderr
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS_LISTED)
 def test_every_command_help_documents_arguments_and_exit_codes(command: str) -> None:
     from homeagent_secrets.client.cli_parser import parser
 
@@ -141,6 +141,19 @@ def test_every_command_help_documents_arguments_and_exit_codes(command: str) -> 
     assert codes == sorted(codes) and {0, 2}.issubset(codes)
     if command not in ("completion",):
         assert {1, 5, 130}.issubset(codes)
+
+
+def test_the_command_list_matches_the_parser() -> None:
+    """`secretsctl get` builds only the parser of `get`, found through COMMANDS."""
+    from homeagent_secrets.client.cli_parser import COMMANDS, COMPLETE, command_in, parser
+
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    assert list(sub.choices) == list(COMMANDS) and COMMANDS[-1] == COMPLETE  # type: ignore[attr-defined]
+    assert COMMANDS[:-1] == tuple(COMMANDS_LISTED)
+    assert command_in(["--socket", "get", "ls", "x"]) == "ls"
+    assert command_in(["--help", "get"]) is None and command_in(["frob"]) is None
+    lean = next(a for a in parser(["get", "x"])._actions if a.dest == "command")
+    assert list(lean.choices) == ["get"]  # type: ignore[attr-defined]
 
 
 def test_status_exits_3_when_locked_or_not_initialized_and_names_socket_and_home(
