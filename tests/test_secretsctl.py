@@ -228,6 +228,17 @@ def test_unlock_reads_exactly_one_line(unlocked: Daemon) -> None:
     assert unlocked.ctl("unlock", input=PASSPHRASE + "\r\n").returncode == 0
 
 
+def test_a_passphrase_file_is_read_whole(unlocked: Daemon, short_tmp: Path) -> None:
+    """So a passphrase with a newline in it (set before the rules) can still be given."""
+    unlocked.ctl("lock")
+    pw = short_tmp / "pw"
+    pw.write_text(f"{PASSPHRASE}\n{PASSPHRASE}\n")
+    r = unlocked.ctl("unlock", "--passphrase-file", str(pw))
+    assert r.returncode == 6  # sent as the two-line passphrase it is, not refused as input
+    pw.write_text(PASSPHRASE + "\n")
+    assert unlocked.ctl("unlock", "--passphrase-file", str(pw)).returncode == 0
+
+
 @pytest.mark.parametrize(("text", "rule"), [
     ("\n", "must not be empty"),
     ("tab\there\n", "must not contain control characters"),
