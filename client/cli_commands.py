@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Final, cast
 
 import msgspec
 from homeagent_secrets.protocol.errors import (
@@ -31,8 +31,15 @@ from .cli_output import (
     printable,
     write_value,
 )
-from .cli_parser import COMPLETE, parser
 from .sync import SecretsClient
+
+if TYPE_CHECKING:
+    import argparse
+
+#: Seconds to wait for the agent's answer (``--timeout``).
+DEFAULT_TIMEOUT: Final = 30.0
+#: The hidden command the shell completion calls for secret names.
+COMPLETE: Final = "__complete"
 
 
 def cmd_init(c: SecretsClient, a: argparse.Namespace) -> int:
@@ -181,7 +188,7 @@ COMMANDS: Final[dict[str, Callable[[SecretsClient, argparse.Namespace], int]]] =
     "rotate": cmd_rotate, "describe": cmd_describe, "migrate": cmd_migrate,
 }
 #: Commands whose result goes to standard output (refused when it is closed).
-PRINTING: Final = frozenset({"status", "get", "ls", "describe", "completion", "__complete"})
+PRINTING: Final = frozenset({"status", "get", "ls", "describe", "completion", COMPLETE})
 
 
 def home_problem(c: SecretsClient, home: Path) -> str | None:
@@ -218,12 +225,40 @@ def complete_names(prefix: str, socket: Path) -> int:
     return EXIT_OK
 
 
+def plain_get(argv: list[str]) -> argparse.Namespace | None:
+    """``get [--previous] [--raw] NAME``, the form scripts run in loops, parsed without
+    argparse (importing it and building a parser was a fifth of `get`'s start-up).
+
+    Any other command line, ``get`` with other options included, goes to argparse;
+    the result is the namespace argparse would give (``tests/test_secretsctl.py``).
+    """
+    if len(argv) < 2 or argv[0] != "get":
+        return None
+    name = None
+    for word in argv[1:]:
+        if word in ("--previous", "--raw"):
+            continue
+        if word.startswith("-") or name is not None:
+            return None
+        name = word
+    if name is None:
+        return None
+    return cast("argparse.Namespace", SimpleNamespace(
+        socket=None, home=None, timeout=DEFAULT_TIMEOUT, command="get", name=name,
+        previous="--previous" in argv, raw="--raw" in argv))
+
+
 def execute(argv: list[str]) -> int:
     """Parse ``argv`` and run its command; errors are raised (``cli.main`` reports them)."""
-    args = parser(argv).parse_args(argv)
+    args = plain_get(argv)
+    if args is None:
+        from .cli_parser import parser
+
+        args = parser(argv).parse_args(argv)
     if args.command in PRINTING and sys.stdout is None:
         raise UsageError("standard output is closed: nowhere to print to; nothing was done")
     if args.command == "completion":
+        from .cli_parser import parser
         from .completion import script
 
         sys.stdout.write(script(args.shell, parser()))

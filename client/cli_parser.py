@@ -14,6 +14,7 @@ from typing import Any, Final, NoReturn
 
 from homeagent_secrets.protocol.names import BACKEND_NAMES, KINDS
 
+from .cli_commands import COMPLETE, DEFAULT_TIMEOUT
 from .cli_errors import (
     EXIT_BROKEN_PIPE,
     EXIT_ERROR,
@@ -28,8 +29,6 @@ from .cli_errors import (
 )
 
 PROG: Final = "secretsctl"
-#: The hidden command the shell completion calls for secret names.
-COMPLETE: Final = "__complete"
 #: Every command, in the order --help lists them (the hidden COMPLETE is not listed).
 COMMANDS: Final = ("init", "unlock", "lock", "passwd", "status", "set", "get", "rm", "ls",
                    "rotate", "describe", "migrate", "completion", COMPLETE)
@@ -134,8 +133,8 @@ def _agent_options(p: argparse.ArgumentParser, top: bool) -> None:
                         "~/.homeagent): where DIR/run/secretsd.sock is looked for, and the "
                         "home the agent reached must serve")
     g.add_argument("--timeout", metavar="SECONDS", type=float,
-                   default=30.0 if top else argparse.SUPPRESS,
-                   help="seconds to wait for an answer (default 30)")
+                   default=DEFAULT_TIMEOUT if top else argparse.SUPPRESS,
+                   help=f"seconds to wait for an answer (default {DEFAULT_TIMEOUT:g})")
 
 
 class _Skipped:

@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from .conftest import PASSPHRASE, TEST_SCRYPT_N, Daemon, require_real, require_tool
 from .terminal import Terminal
@@ -154,6 +156,20 @@ def test_the_command_list_matches_the_parser() -> None:
     assert command_in(["--help", "get"]) is None and command_in(["frob"]) is None
     lean = next(a for a in parser(["get", "x"])._actions if a.dest == "command")
     assert list(lean.choices) == ["get"]  # type: ignore[attr-defined]
+
+
+@given(st.lists(st.sampled_from(["get", "--previous", "--raw", "x", "llm/a", "-x", "--",
+                                  "--socket", "/s", "--timeout=5", "ls", "-h"]), max_size=5))
+@example(["get", "x"])
+@example(["get", "--raw", "--previous", "llm/a"])
+def test_the_plain_get_fast_path_parses_as_argparse_does(argv: list[str]) -> None:
+    from homeagent_secrets.client.cli_commands import plain_get
+    from homeagent_secrets.client.cli_parser import parser
+
+    quick = plain_get(argv)
+    if quick is not None:  # it only takes what argparse takes, and reads it the same way
+        assert vars(quick) == vars(parser(argv).parse_args(argv))
+        assert vars(quick) == vars(parser().parse_args(argv))
 
 
 def test_status_exits_3_when_locked_or_not_initialized_and_names_socket_and_home(
@@ -781,26 +797,35 @@ def test_hidden_complete_prints_names_or_nothing(unlocked: Daemon, short_tmp: Pa
 # --- speed and what secretsctl loads ------------------------------------------------------------
 
 
-def test_get_loads_no_async_crypto_metadata_or_help_machinery(unlocked: Daemon) -> None:
+_NEVER = ("anyio", "asyncio", "cryptography", "keyring", "hvac", "requests",
+          "importlib.metadata", "email", "zipfile", "shutil", "getpass", "subprocess",
+          "typing_extensions", "inspect", "ast", "homeagent_secrets.daemon",
+          "homeagent_secrets.protocol.server", "homeagent_secrets.client.aio",
+          "homeagent_secrets.client.completion")
+_ARGPARSE = ("argparse", "gettext", "locale", "homeagent_secrets.client.cli_parser")
+
+
+@pytest.mark.parametrize(("argv", "never"), [
+    (["get", "x"], _NEVER + _ARGPARSE),  # the form scripts run: not even argparse
+    (["get", "--socket", "SOCKET", "x"], _NEVER),  # any other: argparse, still nothing else
+])
+def test_get_loads_no_async_crypto_metadata_or_help_machinery(
+        unlocked: Daemon, argv: list[str], never: tuple[str, ...]) -> None:
     """What keeps `secretsctl get` fast (tests/bench/cli_time.py measures the time)."""
     unlocked.ctl("set", "x", input="v\n")
-    code = textwrap.dedent("""
+    argv = [str(unlocked.socket) if a == "SOCKET" else a for a in argv]
+    code = textwrap.dedent(f"""
         import sys
         from homeagent_secrets.client.cli import main
-        rc = main(["--socket", sys.argv[1], "get", "x"])
+        rc = main({argv!r})
         loaded = sorted(sys.modules)
         sys.stderr.write(repr((rc, loaded)))
         """)
-    r = subprocess.run([sys.executable, "-c", code, str(unlocked.socket)], capture_output=True,
-                       text=True, timeout=60)
-    rc, loaded = eval(r.stderr)  # noqa: S307 - our own repr of a tuple of str
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "HOMEAGENT_SECRETS_SOCKET": str(unlocked.socket)})
+    rc, loaded = eval(r.stderr)  # our own repr of a tuple of str
     assert (rc, r.stdout) == (0, "v\n")
     assert "homeagent_secrets.client.sync" in loaded  # the check sees what was imported
-    never = ("anyio", "asyncio", "cryptography", "keyring", "hvac", "requests",
-             "importlib.metadata", "email", "zipfile", "shutil", "getpass", "subprocess",
-             "typing_extensions", "inspect", "ast", "homeagent_secrets.daemon",
-             "homeagent_secrets.protocol.server", "homeagent_secrets.client.aio",
-             "homeagent_secrets.client.completion")
     assert [m for m in loaded if m.startswith(never)] == []
 
 
