@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from .cli_parser import COMPLETE, NAME_METAVARS
+from .cli_commands import COMPLETE
+from .cli_parser import NAME_METAVARS
 
 #: Options whose value is a file, a directory, or free text (no completion).
 _FILE_METAVARS = ("FILE", "PATH")

@@ -147,7 +147,8 @@ def test_every_command_help_documents_arguments_and_exit_codes(command: str) -> 
 
 def test_the_command_list_matches_the_parser() -> None:
     """`secretsctl get` builds only the parser of `get`, found through COMMANDS."""
-    from homeagent_secrets.client.cli_parser import COMMANDS, COMPLETE, command_in, parser
+    from homeagent_secrets.client.cli_commands import COMPLETE
+    from homeagent_secrets.client.cli_parser import COMMANDS, command_in, parser
 
     sub = next(a for a in parser()._actions if a.dest == "command")
     assert list(sub.choices) == list(COMMANDS) and COMMANDS[-1] == COMPLETE  # type: ignore[attr-defined]
