@@ -259,9 +259,9 @@ _AGENT_OPTIONS = ("--socket", "--home", "--timeout")
 
 
 def _zsh_text(text: str) -> str:
-    """A help text made safe inside '...[text]...' of an _arguments spec."""
-    for bad, good in (("'", ""), ("`", ""), ("\\", ""), ("[", "("), ("]", ")"), (":", " -"),
-                      ("\n", " ")):
+    """A help text made safe inside '...[text]...' of an _arguments spec (single-quoted)."""
+    for bad, good in (("`", ""), ("\\", ""), ("[", "("), ("]", ")"), (":", " -"),
+                      ("\n", " "), ("'", "'\\''")):
         text = text.replace(bad, good)
     return text
 
