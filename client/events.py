@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final, Literal
 
 import msgspec
@@ -15,8 +14,7 @@ _changed: Final = msgspec.json.Decoder(Changed)
 _STATES: Final[dict[str, EventKind]] = {"locked": "locked", "unlocked": "unlocked", "overflow": "overflow"}
 
 
-@dataclass(frozen=True)
-class WatchEvent:
+class WatchEvent(msgspec.Struct, frozen=True):
     """``changed`` (a name's ``change`` is stored, rotated or deleted, at ``version``),
     ``locked``/``unlocked`` (the agent's state), or ``overflow`` (events were lost:
     read again whatever matters). Never a value."""

@@ -97,14 +97,20 @@ def test_an_open_watch_is_not_idle(daemon_factory) -> None:  # type: ignore[no-u
 
 @pytest.mark.slow
 def test_a_slow_watcher_gets_one_overflow_and_never_slows_a_writer(unlocked: Daemon) -> None:
-    w = raw_watch(unlocked.socket, [])
-    w.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never reads
-    with SecretsClient(unlocked.socket) as c:
+    def p99_of_stores(c: SecretsClient, n: int) -> float:
         lat = []
-        for i in range(6000):
+        for i in range(n):
             t0 = time.perf_counter()
             c.store(f"n/{i % 50}", "v")
             lat.append(time.perf_counter() - t0)
+        lat.sort()
+        return lat[int(len(lat) * 0.99)]
+
+    with SecretsClient(unlocked.socket) as c:
+        alone = p99_of_stores(c, 1000)
+        w = raw_watch(unlocked.socket, [])
+        w.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+        behind = p99_of_stores(c, 6000)
     # now read everything the watcher was sent: events, then exactly one overflow
     w.settimeout(2)
     buf = b""
@@ -116,8 +122,8 @@ def test_a_slow_watcher_gets_one_overflow_and_never_slows_a_writer(unlocked: Dae
     methods = [json.loads(line)["method"] for line in buf.splitlines()]
     assert methods.count("overflow") == 1 and methods[-1] == "overflow"
     assert 1000 <= methods.count("changed") < 6000
-    lat.sort()
-    assert lat[int(len(lat) * 0.99)] < 0.05  # writes went on at fsync speed
+    # writes went on at the disk's pace (fsync): the watcher behind costs them nothing
+    assert behind <= 3 * alone + 0.010, (alone, behind)
     w.close()
 
 
