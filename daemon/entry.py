@@ -12,6 +12,11 @@ import sys
 
 def main() -> int:
     """Run secretsd (see ``main.py``)."""
+    if sys.argv[1:] == ["--version"]:  # answered even where the daemon extra is missing
+        from homeagent_secrets.protocol import __version__
+
+        print(f"secretsd {__version__}")
+        return 0
     try:
         from .main import main as run
     except ImportError as exc:
