@@ -23,6 +23,7 @@ from . import cli_input as inp
 from .cli_errors import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, UsageError
 from .cli_output import (
     err,
+    iso_time,
     long_line,
     out,
     print_describe,
@@ -182,13 +183,86 @@ def cmd_migrate(c: SecretsClient, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_whoami(c: SecretsClient, a: argparse.Namespace) -> int:
+    who = c.whoami()
+    if a.json:
+        print_json(who)
+        return EXIT_OK
+    out(f"uid: {who.uid}")
+    out(f"gid: {who.gid}")
+    out(f"pid: {who.pid}")
+    out(f"unit: {printable(who.unit) if who.unit else '-'}")
+    if not who.rights:
+        out("rights: none (status and whoami only)")
+    for right in who.rights:
+        out(f"rights: {', '.join(right.allow)} on {', '.join(printable(n) for n in right.names)}")
+    return EXIT_OK
+
+
+def _since(text: str) -> float:
+    """Unix seconds from an ISO-8601 time or a span back from now (90s, 15m, 2h, 7d)."""
+    import datetime
+    import time
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r}: give an ISO-8601 time (2026-11-30T08:00) or a span "
+                         "back from now (90s, 15m, 2h, 7d)") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # local time, as describe prints it
+    return when.timestamp()
+
+
+def cmd_audit(c: SecretsClient, a: argparse.Namespace) -> int:
+    import datetime
+    import json
+
+    from homeagent_secrets.protocol.names import glob_regex
+
+    path = a.file or c.status().audit_log
+    if path is None:
+        raise UsageError("the agent keeps no access log: set audit_log in its config "
+                         "(or give --file)")
+    since = _since(a.since) if a.since else None
+    pattern = glob_regex(a.name) if a.name else None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                    when = datetime.datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line, or not ours
+                if since is not None and when.timestamp() < since:
+                    continue
+                name = event.get("name")
+                if pattern is not None and not (name and pattern.match("/" + name)):
+                    continue
+                if a.json:
+                    out(line.rstrip("\n"))
+                else:
+                    out(f"{iso_time(when.timestamp())}  uid {event.get('uid')} pid {event.get('pid')} "
+                        f"{printable(event.get('unit') or '-')}  {printable(str(event.get('method')))} "
+                        f"{printable(name or '-')}  {event.get('outcome')}"
+                        + (f" {event['code']}" if event.get("code") is not None else ""))
+    except OSError as exc:
+        raise UsageError(f"cannot read the access log {path}: {exc.strerror}") from None
+    return EXIT_OK
+
+
 COMMANDS: Final[dict[str, Callable[[SecretsClient, argparse.Namespace], int]]] = {
     "init": cmd_init, "unlock": cmd_unlock, "lock": cmd_lock, "passwd": cmd_passwd,
     "status": cmd_status, "set": cmd_set, "get": cmd_get, "rm": cmd_rm, "ls": cmd_ls,
     "rotate": cmd_rotate, "describe": cmd_describe, "migrate": cmd_migrate,
+    "whoami": cmd_whoami, "audit": cmd_audit,
 }
 #: Commands whose result goes to standard output (refused when it is closed).
-PRINTING: Final = frozenset({"status", "get", "ls", "describe", "completion", COMPLETE})
+PRINTING: Final = frozenset({"status", "get", "ls", "describe", "whoami", "audit", "completion",
+                             COMPLETE})
 
 
 def home_problem(c: SecretsClient, home: Path) -> str | None:

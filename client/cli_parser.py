@@ -31,7 +31,7 @@ from .cli_errors import (
 PROG: Final = "secretsctl"
 #: Every command, in the order --help lists them (the hidden COMPLETE is not listed).
 COMMANDS: Final = ("init", "unlock", "lock", "passwd", "status", "set", "get", "rm", "ls",
-                   "rotate", "describe", "migrate", "completion", COMPLETE)
+                   "rotate", "describe", "migrate", "whoami", "audit", "completion", COMPLETE)
 #: Metavars of the positionals that take a secret name (completed from the agent).
 NAME_METAVARS: Final = ("NAME", "PREFIX")
 
@@ -285,10 +285,30 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
              "store is created) by the rules of `init`.")
     sp.add_argument("--to", required=True, choices=BACKEND_NAMES, help="the backend to move to")
     sp.add_argument("--from", dest="source", choices=BACKEND_NAMES,
-                    help="on a re-run after an interruption: the backend to clean up "
-                         "(default: file when --to keychain/openbao, keychain when --to file)")
+                    help="the backend being left (optional: the agent knows it, and refuses a "
+                         "mismatch); `migrate --to` the backend in use finishes an interrupted "
+                         "migration's cleanup")
     sp.add_argument("--passphrase-file", metavar="FILE",
                     help="passphrase of the encrypted-file store (asked when --to file)")
+
+    sp = add("whoami", "show what the agent sees of this process and what the access rules "
+             "grant it", (*_AGENT, EXIT_BROKEN_PIPE),
+             "uid, gid and pid are the kernel's (SO_PEERCRED); unit is the systemd unit of the\n"
+             "process (- when unknown). Without access rules the agent's own uid and root have\n"
+             "every right and nobody else is served.")
+    sp.add_argument("--json", action="store_true", help="the agent's answer as JSON")
+
+    sp = add("audit", "print the access log: one line per call, never a value",
+             (*_AGENT, EXIT_BROKEN_PIPE),
+             "The log is the agent's audit_log file (its path is asked of the agent, or given\n"
+             "with --file); it is readable by the agent's user and root only.")
+    sp.add_argument("--since", metavar="WHEN",
+                    help="only events since WHEN: an ISO-8601 time, or a span back from now "
+                         "(90s, 15m, 2h, 7d)")
+    sp.add_argument("--name", metavar="PATTERN",
+                    help="only events about names matching PATTERN (* one segment, ** any)")
+    sp.add_argument("--file", metavar="FILE", help="the log file (default: the agent's audit_log)")
+    sp.add_argument("--json", action="store_true", help="the events as JSON lines, as stored")
 
     sp = add("completion", "print the shell completion script for bash or zsh",
              (EXIT_USAGE, EXIT_BROKEN_PIPE),

@@ -289,3 +289,22 @@ def test_without_rules_other_uids_are_refused_at_connect(short_tmp: Path, crowd:
     assert got[0]["code"] == -32099  # the connection was closed at once
     assert f"refused connection from uid {crowd.hue.uid}" in d.log_text()
     d.stop()
+
+
+def test_secretsctl_whoami_and_audit(guarded: tuple[Daemon, Crowd, Path, Path]) -> None:
+    d, crowd, _, audit = guarded
+    as_user(crowd.hue, d.socket, [("get", ["provider/hue/token"]), ("get", ["llm/openai"])],
+            groups=[crowd.gid])
+    who = d.ctl("whoami")
+    assert who.returncode == 0 and "uid: 0" in who.stdout and "on **" in who.stdout
+    r = d.ctl("audit", "--name", "llm/*")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines and all("llm/openai" in line for line in lines)
+    assert any(f"uid {crowd.hue.uid}" in line and "denied -32010" in line for line in lines)
+    assert "provider/hue/token" in d.ctl("audit", "--since", "1h").stdout
+    assert d.ctl("audit", "--since", "2099-01-01T00:00").stdout == ""
+    assert json.loads(d.ctl("audit", "--json", "--name", "provider/**").stdout.splitlines()[0])["uid"] >= 0
+    assert d.ctl("audit", "--since", "yesterday").returncode == 2
+    for value in ("hue-token-value", "sk-openai"):
+        assert value not in d.ctl("audit").stdout
