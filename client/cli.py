@@ -220,6 +220,10 @@ def cmd_passwd(c: SecretsClient, a: argparse.Namespace) -> int:
         if len(lines) != 2:
             raise UsageError("on standard input give two lines: the current passphrase, then the new one")
         old, new = Secret(lines[0]), Secret(lines[1])
+    if a.rekey:
+        count = c.rekey(old, new)
+        print(f"new data key: {count} secret(s) re-encrypted, the old key removed", file=sys.stderr)
+        return EXIT_OK
     c.change_passphrase(old, new)
     print("passphrase changed", file=sys.stderr)
     return EXIT_OK
@@ -319,6 +323,8 @@ def parser() -> argparse.ArgumentParser:
     sp = add("passwd", cmd_passwd, "change the passphrase")
     sp.add_argument("--passphrase-file", metavar="FILE", help="the current passphrase")
     sp.add_argument("--new-passphrase-file", metavar="FILE", help="the new passphrase")
+    sp.add_argument("--rekey", action="store_true",
+                    help="also replace the data key: re-encrypt every secret, remove the old key")
     sp = add("status", cmd_status, "show the agent's state")
     sp.add_argument("--json", action="store_true")
     sp = add("set", cmd_set, "store a secret (value from a prompt, stdin or --value-file)")

@@ -42,6 +42,8 @@ from homeagent_secrets.protocol.messages import (
     NameParams,
     NoParams,
     PassphraseParams,
+    RekeyParams,
+    RekeyResult,
     RetrieveParams,
     RotateParams,
     SecretResult,
@@ -236,6 +238,18 @@ class Agent:
             await b.change_passphrase(p.old, p.new)
         log.info("passphrase changed by %s", peer)
         return ChangedResult()
+
+    async def rekey(self, p: RekeyParams, peer: Peer) -> RekeyResult:
+        """Replace the data key (file backend: ``backends/rekey.py``)."""
+        b = self.backend
+        rekey = getattr(b, "rekey", None)
+        if not b.has_passphrase or rekey is None:
+            raise NotSupportedError(b.no_passphrase_message)
+        async with self.guard.attempt(peer, "rekey"):
+            await b.check_passphrase(p.old)
+        count: int = await rekey(p.old, p.new)
+        log.info("rekeyed by %s: %d secret(s) under a new data key", peer, count)
+        return RekeyResult(count)
 
     async def store(self, p: StoreParams, peer: Peer) -> WrittenResult:
         self._check_value(p.value)
