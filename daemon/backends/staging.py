@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Final
 
+from ..faults import FAULTS, crash_point
 from . import atomicfile
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _libc() -> ctypes.CDLL:
 def exchange(a: Path, b: Path) -> bool:
     """Swap two directories atomically; False where the kernel or file system cannot."""
     fn = getattr(_libc(), "renameat2", None)
-    if fn is None:
+    if fn is None or "no-rename-exchange" in FAULTS:  # the fault: test the two-rename switch
         return False
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
@@ -95,12 +96,13 @@ def finish_staging(home: Path) -> None:
     atomicfile.replace(nxt, MARKER, b"", "mark the new store complete")
 
 
-def switch(home: Path, crash: object = None) -> None:
+def switch(home: Path) -> None:
     """Make the complete ``secrets.next`` the store; the old one ends in ``secrets.next``/``.old``."""
     store, nxt = home / STORE, home / NEXT
     if not exchange(store, nxt):
         os.rename(store, home / OLD)
         atomicfile.fsync_dir(home)
+        crash_point("switch-between-renames")
         os.rename(nxt, store)
     atomicfile.fsync_dir(home)
 
@@ -121,6 +123,7 @@ def remove_store(directory: Path) -> None:
             os.close(fd)
         os.unlink(key)
         atomicfile.fsync_dir(directory)
+        crash_point("remove-store-key-gone")
     for entry in os.scandir(directory):
         if entry.is_dir(follow_symlinks=False):
             remove_store(Path(entry.path))
@@ -137,6 +140,7 @@ def finish_switch(home: Path) -> None:
             remove_store(home / name)
     marker = home / STORE / MARKER
     if os.path.lexists(marker):
+        crash_point("switch-old-removed")
         os.unlink(marker)
         atomicfile.fsync_dir(home / STORE)
 
