@@ -334,6 +334,8 @@ class FileBackend(Backend):
             raw = await anyio.to_thread.run_sync(datakey.unwrap, blob, old)
             params = self._params_for(blob)
             async with self._gate.exclusive():
+                # Reads go on meanwhile; until the new index is installed, one that finds its
+                # file switched away is told to retry instead of marking the record damaged.
                 self._rebuilding = True
                 try:
                     if datakey.format_of(blob) == 1:
@@ -341,18 +343,18 @@ class FileBackend(Backend):
                     else:
                         key = await anyio.to_thread.run_sync(self._rekey_sync, DataKey(raw), new,
                                                              params)
+                    try:
+                        loaded = await anyio.to_thread.run_sync(self._load, key)
+                    except BaseException:
+                        key.wipe()
+                        raise
+                    if self._key is None:
+                        key.wipe()  # locked it was, locked it stays
+                    else:
+                        self._wipe_key()
+                        self._install(key, loaded)
                 finally:
                     self._rebuilding = False
-                try:
-                    loaded = await anyio.to_thread.run_sync(self._load, key)
-                except BaseException:
-                    key.wipe()
-                    raise
-                if self._key is None:
-                    key.wipe()  # locked it was, locked it stays
-                else:
-                    self._wipe_key()
-                    self._install(key, loaded)
             log.warning("rekeyed: %d secret(s) re-encrypted under a new data key; the old key "
                         "and files are removed", len(loaded.index))
             return len(loaded.index)
@@ -492,13 +494,14 @@ class FileBackend(Backend):
                 blob = await anyio.to_thread.run_sync(self._read_record, entry)
                 sealed = records.sealed_values(blob, entry.file_id, entry.slot.generation,
                                                entry.slot.record_id)
-            if key.aead is None:
-                raise LockedError()
+            if key.aead is None:  # wiped meanwhile: locked, or replaced by a rekey
+                raise LockedError() if self._key is None else BackendUnavailableError(
+                    "the data key was replaced during this read (rekey): retry")
             return records.open_sealed(key.aead, sealed)
         except CorruptRecordError as exc:
-            if self._key is not key:
-                raise LockedError() from None  # locked or rekeyed meanwhile
-            if self._rebuilding:
+            if self._key is None:
+                raise LockedError() from None
+            if self._key is not key or self._rebuilding:
                 raise BackendUnavailableError(
                     "a rekey is switching the store's files: retry in a moment") from None
             raise self._mark_damaged(entry, exc) from None
