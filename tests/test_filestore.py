@@ -289,7 +289,7 @@ async def test_independent_decryptor_from_format_md(tmp_path: Path) -> None:
     assert (magic, ver) == (b"HASK", 2)
     assert 10 <= log2n <= 22 and r >= 1 and p >= 1
     assert 128 * (1 << log2n) * r <= 4 << 30 and (1 << log2n) * r * p <= 1 << 25
-    kek = Scrypt(salt=salt, length=32, n=1 << log2n, r=r, p=p).derive("pass phrase".encode("utf-8"))
+    kek = Scrypt(salt=salt, length=32, n=1 << log2n, r=r, p=p).derive("pass phrase".encode("utf-8"))  # noqa: UP012 (P is the UTF-8 bytes)
     dk = AESGCM(kek).decrypt(wk[24:36], wk[36:84], wk[:24])
 
     def sub(info: bytes) -> bytes:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from homeagent_secrets.client import SecretsClient
 from homeagent_secrets.daemon.backends import datakey, manifest, records
 from homeagent_secrets.daemon.backends.datakey import DataKey, KdfParams
@@ -509,7 +508,7 @@ def format1_code(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ok = shutil.which("git") is not None
     if ok:
         archive = subprocess.run(["git", "-C", str(repo), "archive", FORMAT1_COMMIT, "protocol",
-                                  "daemon", "client"], capture_output=True)
+                                  "daemon", "client"], capture_output=True, check=False)
         ok = archive.returncode == 0
     require_real(ok, f"git and commit {FORMAT1_COMMIT} (the format-1 agent) in this clone's history")
     subprocess.run(["tar", "-x", "-C", str(pkg)], input=archive.stdout, check=True)
@@ -526,7 +525,7 @@ def old_client(code: Path, sock: Path, script: str) -> str:
     r = subprocess.run([sys.executable, "-c", "from homeagent_secrets.client import SecretsClient\n"
                         f"c = SecretsClient({str(sock)!r})\n" + script],
                        env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True, text=True,
-                       timeout=60)
+                       timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -591,8 +590,9 @@ def test_format1_store_upgrades_losslessly_and_the_old_agent_refuses_format2(
     # The format-1 agent refuses the format-2 store with a clear message, never misreads it.
     old = format1_daemon(format1_code, home, sock, log).start()
     try:
-        r = subprocess.run([sys.executable, "-c", "from homeagent_secrets.client import SecretsClient\n"
-                            f"SecretsClient({str(sock)!r}).unlock({PASSPHRASE!r})"],
+        script = ("from homeagent_secrets.client import SecretsClient\n"
+                  f"SecretsClient({str(sock)!r}).unlock({PASSPHRASE!r})")
+        r = subprocess.run([sys.executable, "-c", script], check=False,
                            env={**os.environ, "PYTHONPATH": str(format1_code)}, capture_output=True,
                            text=True, timeout=60)
         assert r.returncode != 0

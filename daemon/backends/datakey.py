@@ -178,7 +178,7 @@ class DataKey:
         self.aead: AESGCM | None = AESGCM(self.record_key)
         self.manifest_aead: AESGCM | None = (
             AESGCM(self.manifest_key) if self.manifest_key is not None else None)
-        self.memory_locked = all([mlock(b) for b in self._buffers()])
+        self.memory_locked = all(mlock(b) for b in self._buffers())
 
     def _buffers(self) -> list[bytearray]:
         bufs = [self.key, self.record_key, self.name_key]

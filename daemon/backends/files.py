@@ -45,8 +45,8 @@ from homeagent_secrets.protocol.messages import DamagedRecord, DescribeResult, S
 from homeagent_secrets.protocol.names import DEFAULT_KIND, as_kind
 from homeagent_secrets.protocol.secret import Secret
 
-from . import atomicfile, datakey, manifest, records, rekey, staging, upgrade
 from ..faults import crash_point
+from . import atomicfile, datakey, manifest, records, rekey, staging, upgrade
 from .atomicfile import ensure_private_dir
 from .base import PENDING, Backend, RecordExport, _Pending
 from .committer import ManifestState, WriteGate

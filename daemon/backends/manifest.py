@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping, Set as AbstractSet
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Final
 

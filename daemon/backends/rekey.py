@@ -18,8 +18,8 @@ from pathlib import Path
 
 from homeagent_secrets.protocol.secret import Secret
 
-from . import datakey, manifest, records, staging
 from ..faults import crash_point
+from . import datakey, manifest, records, staging
 from .datakey import DataKey, KdfParams
 from .manifest import Entry, Manifest, Slot
 from .records import Meta, Values
