@@ -624,3 +624,20 @@ def test_kill_at_each_upgrade_crash_point_loses_nothing(point: str, format1_code
     assert (home / "secrets" / WRAPPED_KEY_FILE).read_bytes()[4] == 2
     assert sorted(p.name for p in home.iterdir() if p.name.startswith("secrets")) == ["secrets"]
     d.stop()
+
+
+def test_passphrase_change_or_rekey_of_a_locked_format1_store_upgrades_it(
+        format1_code: Path, short_tmp: Path) -> None:
+    for how in ("change_passphrase", "rekey"):
+        home, sock, log = short_tmp / how, short_tmp / "s.sock", short_tmp / "d.log"
+        want = make_format1_store(format1_code, home, sock, log)
+        d = Daemon(home, sock, log).start()
+        c = SecretsClient(sock)
+        getattr(c, how)(PASSPHRASE, NEW_PASSPHRASE)
+        assert c.status().locked  # it upgraded the files, and unlocked nothing
+        assert (home / "secrets" / WRAPPED_KEY_FILE).read_bytes()[4] == 2
+        with pytest.raises(WrongPassphraseError):
+            c.unlock(PASSPHRASE)
+        c.unlock(NEW_PASSPHRASE)
+        check_upgraded(c, want)
+        d.stop()

@@ -402,7 +402,7 @@ class FileBackend(Backend):
         assert key.aead is not None
         mf = self._read_manifest(key)
         found: dict[str, Slot] = {}
-        metas: dict[str, tuple[Meta, bytes]] = {}
+        metas: dict[str, tuple[Meta, bytes | None]] = {}  # small records' bytes, to cache
         damaged: dict[str, tuple[str | None, str]] = {}
         dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -421,7 +421,7 @@ class FileBackend(Backend):
                     damaged[stem] = (None, exc.message)
                     continue
                 found[stem] = Slot(header.record_id, header.generation)
-                metas[stem] = (meta, blob)
+                metas[stem] = (meta, blob if len(blob) <= CACHE_RECORD_LIMIT else None)
         finally:
             os.close(dir_fd)
         verdict = manifest.check(mf, found, unreadable=set(damaged))
@@ -432,7 +432,7 @@ class FileBackend(Backend):
         for fid, slot in verdict.ok.items():
             meta, blob = metas[fid]
             sealed = None
-            if len(blob) <= CACHE_RECORD_LIMIT and cached + len(blob) <= CACHE_BUDGET:
+            if blob is not None and cached + len(blob) <= CACHE_BUDGET:
                 sealed = records.sealed_values(blob, fid, slot.generation, slot.record_id)
                 cached += len(sealed.ciphertext)
             index[meta.name] = _Entry(fid, slot, meta, sealed)
