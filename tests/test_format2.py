@@ -284,6 +284,12 @@ async def test_manifest_missing_or_tampered_refuses_unlock_naming_it(tmp_path: P
         with pytest.raises(CorruptRecordError, match=why) as err:
             await b2.unlock(PW)
         assert "manifest" in err.value.message and b2.locked
+    mpath.unlink()
+    os.mkfifo(mpath)  # a FIFO in its place never hangs unlock
+    b2 = await make(b.home, init=False)
+    with pytest.raises(CorruptRecordError, match="not a regular file"):
+        await b2.unlock(PW)
+    mpath.unlink()
     mpath.write_bytes(good)
     b2 = await reopen(b)
     assert (await b2.retrieve("a")) is not None
