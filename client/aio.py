@@ -237,6 +237,10 @@ class AsyncSecretsClient:
     async def change_passphrase(self, old: str | Secret, new: str | Secret) -> None:
         await self.call(m.CHANGE_PASSPHRASE, m.ChangePassphraseParams(as_secret(old), as_secret(new)))
 
+    async def rekey(self, old: str | Secret, new: str | Secret) -> int:
+        """Replace the data key (every secret re-encrypted); how many secrets."""
+        return (await self.call(m.REKEY, m.RekeyParams(as_secret(old), as_secret(new)))).rekeyed
+
     async def store(self, name: str, value: str | Secret, kind: Kind | None = None) -> int:
         return (await self.call(m.STORE, m.StoreParams(name, as_secret(value), kind))).version
 

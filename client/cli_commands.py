@@ -73,6 +73,11 @@ def cmd_lock(c: SecretsClient, a: argparse.Namespace) -> int:
 
 def cmd_passwd(c: SecretsClient, a: argparse.Namespace) -> int:
     old, new, source = inp.read_passphrase_change(a.passphrase_file, a.new_passphrase_file)
+    if a.rekey:
+        count = c.rekey(old, new)
+        err(f"new data key: {count} secret(s) re-encrypted, the old key material removed "
+            f"(passphrases read from {source})")
+        return EXIT_OK
     c.change_passphrase(old, new)
     err(f"passphrase changed (read from {source})")
     return EXIT_OK

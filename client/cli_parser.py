@@ -218,6 +218,10 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
              "(current, new) or three (current, new, new again).")
     sp.add_argument("--passphrase-file", metavar="FILE", help="the current passphrase")
     sp.add_argument("--new-passphrase-file", metavar="FILE", help="the new passphrase")
+    sp.add_argument("--rekey", action="store_true",
+                    help="also replace the data key: every secret re-encrypted under a new key, "
+                         "the old key material removed (a leaked old passphrase then opens "
+                         "nothing that exists); the new passphrase may equal the old one")
 
     sp = add("status", "show the agent's state, socket and home; exit 3 when it is locked",
              (EXIT_LOCKED, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED,

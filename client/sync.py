@@ -214,6 +214,10 @@ class SecretsClient:
     def change_passphrase(self, old: str | Secret, new: str | Secret) -> None:
         self.call(m.CHANGE_PASSPHRASE, m.ChangePassphraseParams(as_secret(old), as_secret(new)))
 
+    def rekey(self, old: str | Secret, new: str | Secret) -> int:
+        """Replace the data key (every secret re-encrypted); how many secrets."""
+        return self.call(m.REKEY, m.RekeyParams(as_secret(old), as_secret(new))).rekeyed
+
     def store(self, name: str, value: str | Secret, kind: Kind | None = None) -> int:
         return self.call(m.STORE, m.StoreParams(name, as_secret(value), kind)).version
 

@@ -46,6 +46,8 @@ from homeagent_secrets.protocol.messages import (
     NameParams,
     NoParams,
     PassphraseParams,
+    RekeyParams,
+    RekeyResult,
     RetrieveParams,
     RotateParams,
     SecretResult,
@@ -298,6 +300,18 @@ class Agent:
         """After publishing: let the watchers' senders run before the answer goes out."""
         if sent:
             await anyio.lowlevel.checkpoint()
+
+    async def rekey(self, p: RekeyParams, peer: Peer) -> RekeyResult:
+        """Replace the data key (file backend: ``backends/rekey.py``)."""
+        b = self.backend
+        rekey = getattr(b, "rekey", None)
+        if not b.has_passphrase or rekey is None:
+            raise NotSupportedError(b.no_passphrase_message)
+        async with self.guard.attempt(peer, "rekey"):
+            await b.check_passphrase(p.old)
+        count: int = await rekey(p.old, p.new)
+        log.info("rekeyed by %s: %d secret(s) under a new data key", peer, count)
+        return RekeyResult(count)
 
     async def store(self, p: StoreParams, peer: Peer) -> WrittenResult:
         self._check_value(p.value)

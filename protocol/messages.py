@@ -78,6 +78,17 @@ class ChangePassphraseParams(Params, frozen=True):
         check_passphrase(self.new, "new passphrase", new=True)
 
 
+class RekeyParams(Params, frozen=True):
+    """``rekey``: the current passphrase, and the one to wrap the new data key with."""
+
+    old: Secret
+    new: Secret
+
+    def __post_init__(self) -> None:
+        check_passphrase(self.old, "old passphrase", new=False)
+        check_passphrase(self.new, "new passphrase", new=True)
+
+
 class StoreParams(Params, frozen=True):
     name: str
     value: Secret
@@ -202,6 +213,11 @@ class ChangedResult(Result, frozen=True):
     changed: bool = True
 
 
+class RekeyResult(Result, frozen=True):
+    #: How many secrets were re-encrypted under the new data key.
+    rekeyed: int
+
+
 class WrittenResult(Result, frozen=True):
     name: str
     version: int
@@ -316,6 +332,8 @@ LOCK: Final = Method[NoParams, LockedResult]("lock", NoParams, LockedResult, act
 CHANGE_PASSPHRASE: Final = Method[ChangePassphraseParams, ChangedResult](
     "change_passphrase", ChangePassphraseParams, ChangedResult, action="admin", writes=True,
     carries_passphrase=True)
+REKEY: Final = Method[RekeyParams, RekeyResult](
+    "rekey", RekeyParams, RekeyResult, action="admin", writes=True, carries_passphrase=True)
 STORE: Final = Method[StoreParams, WrittenResult](
     "store", StoreParams, WrittenResult, action="write", writes=True, uses_key=True)
 RETRIEVE: Final = Method[RetrieveParams, SecretResult | None](
@@ -338,5 +356,5 @@ MIGRATE: Final = Method[MigrateParams, MigrateResult](
 METHODS: Final[dict[str, Method[Any, Any]]] = {
     m.name: m
     for m in (STATUS, WHOAMI, INIT, UNLOCK, LOCK, CHANGE_PASSPHRASE, STORE, RETRIEVE, DELETE, LIST,
-              ROTATE, DESCRIBE, WATCH, UNWATCH, MIGRATE)
+              ROTATE, DESCRIBE, WATCH, UNWATCH, MIGRATE, REKEY)
 }

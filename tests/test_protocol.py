@@ -201,6 +201,8 @@ async def test_client_and_server_halves_round_trip_every_method(pair: MemoryPair
     with pytest.raises(errors.NotSupportedError):
         await pair.call(m.MIGRATE, m.MigrateParams("file", Secret("pw")))
     assert (await pair.call(m.WHOAMI, m.NoParams())).rights[0].names == ["**"]
+    with pytest.raises(errors.NotSupportedError):
+        await pair.call(m.REKEY, m.RekeyParams(Secret("pw"), Secret("new")))
     status = await pair.call(m.STATUS, m.NoParams())
     assert status.secrets == 1 and not status.locked and status.backend == "memory"
     assert (await pair.call(m.LOCK, m.NoParams())).locked is True

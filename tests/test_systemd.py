@@ -135,9 +135,16 @@ def test_socket_activation_answers_a_client_that_connected_first(short_tmp: Path
             time.sleep(0.01)
         # Connect and send before secretsd exists: systemd-socket-activate only
         # starts it on this first connection.
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
-        s.connect(str(path))
+        while True:  # the file exists from bind(); listen() follows a moment later
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            try:
+                s.connect(str(path))
+                break
+            except ConnectionRefusedError:
+                s.close()
+                assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+                time.sleep(0.01)
         s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"status"}\n')
         reply = json.loads(s.makefile().readline())
         assert reply["result"]["backend"] == "file"

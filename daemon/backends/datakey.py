@@ -1,8 +1,10 @@
 """The data key and the wrapped-key file that holds it under the passphrase.
 
-Envelope encryption: a random 256-bit data key encrypts every record; the
-passphrase only wraps it (scrypt -> AES-256-GCM). Changing the passphrase
-rewraps 48 bytes. Layout and parameters: FORMAT.md, "Wrapped-key file".
+Envelope encryption: a random 256-bit data key encrypts every record and the
+manifest; the passphrase only wraps it (scrypt -> AES-256-GCM). Changing the
+passphrase rewraps 48 bytes; ``rekey`` replaces the data key itself
+(``rekey.py``). This agent writes format 2 and unwraps format 1 only to
+upgrade it. Layout and parameters: FORMAT.md, "Wrapped-key file".
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from homeagent_secrets.protocol.secret import Secret
 from ..hardening import mlock, munlock
 from ..wipe import wipe_bytes
 
+FILE_NAME: Final = "wrapped-key"
 MAGIC: Final = b"HASK"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+#: Formats whose wrapped-key file this agent unwraps (format 1 only to upgrade it).
+READABLE_FORMATS: Final = (1, 2)
 DEFAULT_LOG2_N: Final = 17  # N = 2^17: 128 MiB, ~0.3-0.5 s on a small CPU
 DEFAULT_R: Final = 8
 DEFAULT_P: Final = 1
@@ -44,8 +49,14 @@ NONCE_BYTES: Final = 12
 _HEADER = struct.Struct(">4sBBBB16s")  # magic, version, log2 N, r, p, salt
 FILE_SIZE: Final = _HEADER.size + NONCE_BYTES + KEY_BYTES + 16  # 84 bytes
 
-_RECORD_KEY_INFO: Final = b"homeagent-secrets v1 record encryption"
-_NAME_KEY_INFO: Final = b"homeagent-secrets v1 name hashing"
+#: HKDF info strings of the subkeys, per format (format 2 adds the manifest key).
+SUBKEY_INFO: Final = {
+    1: {"record": b"homeagent-secrets v1 record encryption",
+        "name": b"homeagent-secrets v1 name hashing"},
+    2: {"record": b"homeagent-secrets v2 record encryption",
+        "name": b"homeagent-secrets v2 name hashing",
+        "manifest": b"homeagent-secrets v2 manifest encryption"},
+}
 
 
 @dataclass(frozen=True)
@@ -106,17 +117,25 @@ def wrap(data_key: bytearray, passphrase: Secret, params: KdfParams) -> bytes:
         _wipe(kek)
 
 
-def read_params(blob: bytes) -> KdfParams:
-    """The KDF parameters in a wrapped-key file, checked before any work is done."""
+def format_of(blob: bytes) -> int:
+    """The format version of a wrapped-key file (1 or 2), refusing any other before any work."""
     if len(blob) != FILE_SIZE or blob[:4] != MAGIC:
         raise CorruptRecordError(
             f"the wrapped-key file is {len(blob)} bytes or lacks its magic: damaged or not ours"
         )
-    _magic, version, log2_n, r, p, _salt = _HEADER.unpack_from(blob)
-    if version != FORMAT_VERSION:
+    version = blob[4]
+    if version not in READABLE_FORMATS:
         raise CorruptRecordError(
-            f"the wrapped-key file has format version {version}; this agent reads {FORMAT_VERSION}"
+            f"the wrapped-key file has format version {version}; this agent reads "
+            f"{' and '.join(map(str, READABLE_FORMATS))}: it was written by a newer secretsd"
         )
+    return version
+
+
+def read_params(blob: bytes) -> KdfParams:
+    """The KDF parameters in a wrapped-key file, checked before any work is done."""
+    format_of(blob)
+    _magic, _version, log2_n, r, p, _salt = _HEADER.unpack_from(blob)
     params = KdfParams(log2_n, r, p)
     params.check()
     return params
@@ -138,23 +157,33 @@ def unwrap(blob: bytes, passphrase: Secret) -> bytearray:
 
 
 class DataKey:
-    """The unwrapped data key and the two subkeys derived from it.
+    """The unwrapped data key and the subkeys derived from it (per format).
 
-    Held in bytearrays that ``wipe`` zeroes. The AES-GCM context and the HMAC
+    Held in bytearrays that ``wipe`` zeroes. The AES-GCM contexts and the HMAC
     state keep their own copies inside OpenSSL/Rust that Python cannot reach;
     they are dropped with this object (FORMAT.md, "Key hygiene").
     """
 
-    __slots__ = ("aead", "key", "memory_locked", "name_key", "record_key")
+    __slots__ = ("aead", "format", "key", "manifest_aead", "manifest_key", "memory_locked",
+                 "name_key", "record_key")
 
-    def __init__(self, key: bytearray) -> None:
+    def __init__(self, key: bytearray, format: int = FORMAT_VERSION) -> None:
         if len(key) != KEY_BYTES:
             raise CorruptRecordError("the data key has the wrong length: the store is damaged")
+        info = SUBKEY_INFO[format]
+        self.format = format
         self.key = key
-        self.record_key = bytearray(self._subkey(_RECORD_KEY_INFO))
-        self.name_key = bytearray(self._subkey(_NAME_KEY_INFO))
+        self.record_key = bytearray(self._subkey(info["record"]))
+        self.name_key = bytearray(self._subkey(info["name"]))
+        self.manifest_key = bytearray(self._subkey(info["manifest"])) if "manifest" in info else None
         self.aead: AESGCM | None = AESGCM(self.record_key)
-        self.memory_locked = all([mlock(self.key), mlock(self.record_key), mlock(self.name_key)])
+        self.manifest_aead: AESGCM | None = (
+            AESGCM(self.manifest_key) if self.manifest_key is not None else None)
+        self.memory_locked = all(mlock(b) for b in self._buffers())
+
+    def _buffers(self) -> list[bytearray]:
+        bufs = [self.key, self.record_key, self.name_key]
+        return bufs + ([self.manifest_key] if self.manifest_key is not None else [])
 
     @classmethod
     def generate(cls) -> DataKey:
@@ -171,11 +200,12 @@ class DataKey:
 
     def wipe(self) -> None:
         """Overwrite every key buffer with zeros and drop the cipher context."""
-        for buf in (self.key, self.record_key, self.name_key):
+        for buf in self._buffers():
             _wipe(buf)
             if self.memory_locked:
                 munlock(buf)
         self.aead = None
+        self.manifest_aead = None
         self.memory_locked = False
 
     def __repr__(self) -> str:

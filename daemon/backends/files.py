@@ -1,15 +1,23 @@
-"""The encrypted-file backend: one AES-256-GCM record per secret under <home>/secrets.
+"""The encrypted-file backend (format 2): AES-256-GCM records and a manifest under <home>/secrets.
 
 Neither names nor values are readable on disk: a record's file name is a keyed
-hash of the secret name and the name lives inside the record. After unlock an
-index of name -> metadata is built by decrypting metadata sections only; small
-records also keep their ciphertext in memory so ``retrieve`` needs no disk
-read and no worker thread (plaintext is never cached).
+hash of the secret name and the name lives inside the record. The manifest
+lists every record the store must hold (``manifest.py``); at unlock the
+directory is checked against it, and a record rolled back, put back after a
+delete, missing, spliced from another life, or newer than the manifest is
+damaged, never served. After unlock an index of name -> metadata is built by
+decrypting metadata sections only; small records also keep their ciphertext
+in memory so ``retrieve`` needs no disk read (plaintext is never cached).
 
-A record that cannot be used (it fails authentication, is not a regular file,
-is too large, cannot be read) is never taken for an absent secret: it is
-listed as damaged in ``status``, reads and writes of its name are refused with
-an error naming its file, and only ``delete --force`` removes it.
+A write stages a pending manifest entry (old and new record), writes the
+manifest, then the record, then the manifest with the entry final, and only
+then answers: whatever a crash interrupts, the record found on disk is one of
+the two the manifest names (FORMAT.md, "Writes"). ``rekey`` and the format-1
+upgrade rebuild the store beside the old one (``rekey.py``, ``staging.py``).
+
+A damaged record is never taken for an absent secret: it is listed in
+``status``, reads and writes of its name are refused with an error naming its
+file, and only ``delete --force`` removes it (and its manifest entry).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,6 +36,7 @@ import anyio.to_thread
 
 from homeagent_secrets.protocol.errors import (
     AlreadyInitializedError,
+    BackendUnavailableError,
     CorruptRecordError,
     LockedError,
     NotInitializedError,
@@ -37,44 +46,65 @@ from homeagent_secrets.protocol.messages import DamagedRecord, DescribeResult, S
 from homeagent_secrets.protocol.names import DEFAULT_KIND, as_kind
 from homeagent_secrets.protocol.secret import Secret
 
-from . import atomicfile, datakey, records
+from ..faults import crash_point
+from . import atomicfile, datakey, manifest, records, rekey, staging, upgrade
 from .atomicfile import ensure_private_dir
 from .base import PENDING, Backend, RecordExport, _Pending
+from .committer import ManifestState, WriteGate
 from .datakey import DataKey, KdfParams
+from .manifest import Entry, Slot
 from .records import Meta, Values
 
 log = logging.getLogger(__name__)
 
-WRAPPED_KEY_FILE: Final = "wrapped-key"
+WRAPPED_KEY_FILE: Final = datakey.FILE_NAME
 CACHE_RECORD_LIMIT: Final = 16 * 1024  # records up to this size keep their ciphertext in memory
 CACHE_BUDGET: Final = 64 * 1024 * 1024
 #: No record this agent writes is larger (values are at most 4 MiB each, see
-#: settings); a larger file in the directory is reported, never read.
+#: settings, padded to 9 MiB for two); a larger file in the directory is reported, never read.
 MAX_RECORD_BYTES: Final = 16 * 1024 * 1024
+#: 57 to 81 bytes per secret: room for about 800,000 secrets.
+MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
     file_id: str
-    version: int
+    slot: Slot  # the record's life id and write generation, as the manifest lists it
     meta: Meta
     sealed: records.SealedValues | None  # the values' ciphertext, kept for small records
+
+    @property
+    def version(self) -> int:
+        return self.meta.version
 
     @property
     def cached_bytes(self) -> int:
         return len(self.sealed.ciphertext) if self.sealed else 0
 
 
+@dataclass
+class _Loaded:
+    """A store read from disk and checked against its manifest."""
+
+    index: dict[str, _Entry]
+    damaged: dict[str, tuple[str | None, str]]
+    cached: int
+    generation: int
+    entries: dict[str, Entry]
+    settled: int
+
+
 def _damaged_message(file_id: str, problem: str) -> str:
     """``problem`` names the file already (the records module's messages do)."""
     if file_id not in problem:
-        problem = f"record {file_id}{records.SUFFIX}: {problem}"
+        problem = f"record {file_id}{records.SUFFIX} {problem}"
     return (f"{problem}; its secret can be neither read nor written: restore the file from a "
             "backup, or remove it with `secretsctl rm --force NAME`")
 
 
 class FileBackend(Backend):
-    """AES-256-GCM records in files, under a data key wrapped by the passphrase."""
+    """AES-256-GCM records and a manifest in files, under a data key wrapped by the passphrase."""
 
     name = "file"
     has_passphrase = True
@@ -87,16 +117,20 @@ class FileBackend(Backend):
     ) -> None:
         super().__init__()
         self.home = home
-        self.dir = home / "secrets"
+        self.dir = home / staging.STORE
         self.kdf = kdf or KdfParams()
         self._clock = clock
         self._key: DataKey | None = None
+        self._mf: ManifestState | None = None
         self._index: dict[str, _Entry] = {}
         #: file id -> (the name when known, what is wrong): records that cannot be used.
         self._damaged: dict[str, tuple[str | None, str]] = {}
         self._cached_bytes = 0
-        self._generation = 0  # bumped by lock: a write finishing afterwards must not repopulate
+        self._epoch = 0  # bumped by lock: a write finishing afterwards must not repopulate
         self._state_lock = anyio.Lock()  # init, unlock, lock, passphrase changes: one at a time
+        self._commit_lock = anyio.Lock()  # manifest writes: one at a time, across epochs
+        self._gate = WriteGate()  # writes share it; unlock and rekey hold it alone
+        self._rebuilding = False
         self._initialized = False
 
     # --- lifecycle ------------------------------------------------------------
@@ -107,6 +141,7 @@ class FileBackend(Backend):
 
     def _open_sync(self) -> None:
         ensure_private_dir(self.home)
+        staging.recover(self.home)
         ensure_private_dir(self.dir)
         removed = atomicfile.remove_stale_temps(self.dir)
         if removed:
@@ -147,7 +182,11 @@ class FileBackend(Backend):
                 log.warning("%s was loosened to mode %o while running; restored to 0700", path, mode)
                 path.chmod(0o700)
                 fixed += 1
-        for dirent in os.scandir(self.dir):
+        try:
+            entries = list(os.scandir(self.dir))
+        except OSError:
+            return fixed  # a rekey is switching directories: the next round sees the new one
+        for dirent in entries:
             try:
                 st = dirent.stat(follow_symlinks=False)
             except OSError:
@@ -175,15 +214,27 @@ class FileBackend(Backend):
                 raise AlreadyInitializedError()
             key = DataKey.generate()
             blob = await anyio.to_thread.run_sync(datakey.wrap, key.key, passphrase, self.kdf)
-            await anyio.to_thread.run_sync(
-                atomicfile.replace, self.dir, WRAPPED_KEY_FILE, blob, "write the wrapped-key file"
-            )
+            await anyio.to_thread.run_sync(self._init_sync, key, blob)
             self._initialized = True
-            self._install(key, {}, {}, 0)
+            self._install(key, _Loaded({}, {}, 0, 1, {}, 0))
+
+    def _init_sync(self, key: DataKey, wrapped: bytes) -> None:
+        # The manifest first: until the wrapped-key file exists the store is not
+        # initialized, and a manifest left alone is replaced by the next init.
+        assert key.manifest_aead is not None
+        atomicfile.replace(self.dir, manifest.FILE,
+                           manifest.seal(key.manifest_aead, manifest.Manifest(1, {})),
+                           "write the manifest")
+        atomicfile.replace(self.dir, WRAPPED_KEY_FILE, wrapped, "write the wrapped-key file")
 
     async def check_passphrase(self, passphrase: Secret) -> None:
         blob = await anyio.to_thread.run_sync(self._read_wrapped)
         datakey._wipe(await anyio.to_thread.run_sync(datakey.unwrap, blob, passphrase))
+
+    def _params_for(self, blob: bytes) -> KdfParams:
+        """Keep the KDF cost the store was made with unless --scrypt-n raised it."""
+        params = datakey.read_params(blob)
+        return self.kdf if self.kdf.log2_n > params.log2_n else params
 
     async def unlock(self, passphrase: Secret) -> None:
         async with self._state_lock:
@@ -192,14 +243,51 @@ class FileBackend(Backend):
             if self._key is not None:
                 datakey._wipe(raw)  # already unlocked: the passphrase was only checked
                 return
-            key = DataKey(raw)
-            index, damaged, cached = await anyio.to_thread.run_sync(self._load_index, key)
-            self._install(key, index, damaged, cached)
-            log.info("unlocked: %d secret(s) indexed", len(index))
+            async with self._gate.exclusive():  # writes of a locked epoch finish first
+                if datakey.format_of(blob) == 1:
+                    key = await self._upgrade(raw, passphrase, self._params_for(blob))
+                else:
+                    key = DataKey(raw)
+                try:
+                    loaded = await anyio.to_thread.run_sync(self._load, key)
+                except BaseException:
+                    key.wipe()
+                    raise
+                self._install(key, loaded)
+                await self._commit_settled(loaded)
+            log.info("unlocked: %d secret(s) indexed", len(loaded.index))
 
-    def _install(self, key: DataKey, index: dict[str, _Entry],
-                 damaged: dict[str, tuple[str | None, str]], cached: int) -> None:
-        self._key, self._index, self._damaged, self._cached_bytes = key, index, damaged, cached
+    async def _upgrade(self, raw: bytearray, passphrase: Secret, params: KdfParams) -> DataKey:
+        """Rewrite a format-1 store as format 2 under a new data key; the new key."""
+        old = DataKey(raw, format=1)
+        try:
+            source = ((None, meta, values) for meta, values in
+                      upgrade.read_store(self.dir, old, MAX_RECORD_BYTES))
+            rebuilt = await anyio.to_thread.run_sync(
+                rekey.rebuild, self.home, source, passphrase, params, 1)
+        finally:
+            old.wipe()
+        log.warning("upgraded the store from format 1 to format 2 (%d secret(s), new data key)",
+                    len(rebuilt.entries))
+        return rebuilt.key
+
+    async def _commit_settled(self, loaded: _Loaded) -> None:
+        """Write back the manifest with the pendings a stop left settled (best effort)."""
+        if not loaded.settled or self._mf is None:
+            return
+        try:
+            await self._mf.commit()
+            log.warning("settled %d write(s) a stop had interrupted", loaded.settled)
+        except SecretsError as exc:
+            log.warning("could not write the settled manifest (%s); the next write does",
+                        exc.message)
+
+    def _install(self, key: DataKey, loaded: _Loaded) -> None:
+        assert key.manifest_aead is not None
+        self._key, self._index, self._damaged, self._cached_bytes = (
+            key, loaded.index, loaded.damaged, loaded.cached)
+        self._mf = ManifestState(self.dir, key.manifest_aead, loaded.generation, loaded.entries,
+                                 self._commit_lock, dirty=loaded.settled > 0)
 
     async def lock(self) -> None:
         # Under the state lock: an unlock in flight finishes first, so a lock
@@ -209,7 +297,10 @@ class FileBackend(Backend):
 
     def _wipe_key(self) -> None:
         key, self._key = self._key, None
-        self._generation += 1
+        mf, self._mf = self._mf, None
+        if mf is not None:
+            mf.close()
+        self._epoch += 1
         self._index = {}
         self._damaged = {}
         self._cached_bytes = 0
@@ -223,17 +314,71 @@ class FileBackend(Backend):
         async with self._state_lock:
             blob = await anyio.to_thread.run_sync(self._read_wrapped)
             raw = await anyio.to_thread.run_sync(datakey.unwrap, blob, old)
+            params = self._params_for(blob)
+            if datakey.format_of(blob) == 1:  # only a locked store is still format 1
+                async with self._gate.exclusive():
+                    (await self._upgrade(raw, new, params)).wipe()
+                return
             try:
-                # Keep the KDF cost the store was made with unless --scrypt-n raised it.
-                params = datakey.read_params(blob)
-                if self.kdf.log2_n > params.log2_n:
-                    params = self.kdf
                 new_blob = await anyio.to_thread.run_sync(datakey.wrap, raw, new, params)
             finally:
                 datakey._wipe(raw)
             await anyio.to_thread.run_sync(
                 atomicfile.replace, self.dir, WRAPPED_KEY_FILE, new_blob, "write the wrapped-key file"
             )
+
+    async def rekey(self, old: Secret, new: Secret) -> int:
+        """Replace the data key: every record and the manifest re-encrypted under a new one,
+        wrapped with ``new``; the old key material removed. How many secrets were rewritten."""
+        async with self._state_lock:
+            blob = await anyio.to_thread.run_sync(self._read_wrapped)
+            raw = await anyio.to_thread.run_sync(datakey.unwrap, blob, old)
+            params = self._params_for(blob)
+            async with self._gate.exclusive():
+                # Reads go on meanwhile; until the new index is installed, one that finds its
+                # file switched away is told to retry instead of marking the record damaged.
+                self._rebuilding = True
+                try:
+                    if datakey.format_of(blob) == 1:
+                        key = await self._upgrade(raw, new, params)
+                    else:
+                        key = await anyio.to_thread.run_sync(self._rekey_sync, DataKey(raw), new,
+                                                             params)
+                    try:
+                        loaded = await anyio.to_thread.run_sync(self._load, key)
+                    except BaseException:
+                        key.wipe()
+                        raise
+                    if self._key is None:
+                        key.wipe()  # locked it was, locked it stays
+                    else:
+                        self._wipe_key()
+                        self._install(key, loaded)
+                finally:
+                    self._rebuilding = False
+            log.warning("rekeyed: %d secret(s) re-encrypted under a new data key; the old key "
+                        "and files are removed", len(loaded.index))
+            return len(loaded.index)
+
+    def _rekey_sync(self, old: DataKey, new: Secret, params: KdfParams) -> DataKey:
+        try:
+            loaded = self._load(old)
+            if loaded.damaged:
+                raise CorruptRecordError(
+                    f"{len(loaded.damaged)} record(s) are damaged (see `secretsctl status`): a "
+                    "rekey would lose them, so nothing was changed; restore or remove them "
+                    "(`secretsctl rm --force NAME`) first")
+
+            def source() -> Iterator[tuple[bytes | None, Meta, Values]]:
+                assert old.aead is not None
+                for entry in loaded.index.values():
+                    blob = self._read_record(entry)
+                    yield entry.slot.record_id, entry.meta, records.open_values(
+                        old.aead, blob, entry.file_id, entry.slot.generation, entry.slot.record_id)
+
+            return rekey.rebuild(self.home, source(), new, params, loaded.generation + 1).key
+        finally:
+            old.wipe()
 
     @property
     def data_key_buffer(self) -> bytearray | None:
@@ -242,41 +387,62 @@ class FileBackend(Backend):
 
     # --- index ------------------------------------------------------------------
 
-    def _load_index(
-        self, key: DataKey
-    ) -> tuple[dict[str, _Entry], dict[str, tuple[str | None, str]], int]:
+    def _read_manifest(self, key: DataKey) -> manifest.Manifest:
+        assert key.manifest_aead is not None
+        path = self.dir / manifest.FILE
+        try:
+            blob = atomicfile.read_regular(path, MAX_MANIFEST_BYTES, "the manifest")
+        except FileNotFoundError:
+            raise CorruptRecordError(
+                f"the manifest {path} is missing: every record is unverifiable; restore it "
+                "from a backup (FORMAT.md, 'Damaged records')") from None
+        return manifest.open_(key.manifest_aead, blob)
+
+    def _load(self, key: DataKey) -> _Loaded:
+        """Read the manifest and every record's header and metadata; check one against the other."""
         assert key.aead is not None
-        index: dict[str, _Entry] = {}
+        mf = self._read_manifest(key)
+        found: dict[str, Slot] = {}
+        metas: dict[str, tuple[Meta, bytes | None]] = {}  # small records' bytes, to cache
         damaged: dict[str, tuple[str | None, str]] = {}
-        cached = 0
         dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for fname in os.listdir(dir_fd):
-                stem = fname[:-4]
                 if not records.is_record_name(fname):
-                    continue
+                    continue  # the manifest, the wrapped key, anything unknown
+                stem = fname[:64]
                 try:
                     blob = self._read_fd_relative(dir_fd, fname)
-                    version, meta = records.open_meta(key.aead, blob, stem)
+                    header, meta = records.open_meta(key.aead, blob, stem)
                     if key.file_id(meta.name) != stem:
                         raise CorruptRecordError(f"record {fname} does not belong to its name")
-                    sealed = None
-                    if len(blob) <= CACHE_RECORD_LIMIT and cached + len(blob) <= CACHE_BUDGET:
-                        sealed = records.sealed_values(blob, stem, version)
-                        cached += len(sealed.ciphertext)
                 except FileNotFoundError:
                     continue  # deleted between listing and reading
                 except SecretsError as exc:
                     damaged[stem] = (None, exc.message)
-                    log.error("%s", _damaged_message(stem, exc.message))
                     continue
-                index[meta.name] = _Entry(stem, version, meta, sealed)
+                found[stem] = Slot(header.record_id, header.generation)
+                metas[stem] = (meta, blob if len(blob) <= CACHE_RECORD_LIMIT else None)
         finally:
             os.close(dir_fd)
+        verdict = manifest.check(mf, found, unreadable=set(damaged))
+        for fid, problem in verdict.damaged.items():
+            damaged[fid] = (metas[fid][0].name if fid in metas else None, problem)
+        index: dict[str, _Entry] = {}
+        cached = 0
+        for fid, slot in verdict.ok.items():
+            meta, small = metas[fid]
+            sealed = None
+            if small is not None and cached + len(small) <= CACHE_BUDGET:
+                sealed = records.sealed_values(small, fid, slot.generation, slot.record_id)
+                cached += len(sealed.ciphertext)
+            index[meta.name] = _Entry(fid, slot, meta, sealed)
+        for fid, (_name, problem) in damaged.items():
+            log.error("%s", _damaged_message(fid, problem))
         if damaged:
             log.error("%d record(s) are damaged and their names refused (see `secretsctl "
                       "status`); the others are served", len(damaged))
-        return index, damaged, cached
+        return _Loaded(index, damaged, cached, mf.generation, verdict.entries, verdict.settled)
 
     def _read_fd_relative(self, dir_fd: int, fname: str) -> bytes:
         # Tighten a loosened mode on the way (the maintenance task does it too).
@@ -327,13 +493,18 @@ class FileBackend(Backend):
             sealed = entry.sealed
             if sealed is None:
                 blob = await anyio.to_thread.run_sync(self._read_record, entry)
-                sealed = records.sealed_values(blob, entry.file_id, entry.version)
-            if key.aead is None:
-                raise LockedError()
+                sealed = records.sealed_values(blob, entry.file_id, entry.slot.generation,
+                                               entry.slot.record_id)
+            if key.aead is None:  # wiped meanwhile: locked, or replaced by a rekey
+                raise LockedError() if self._key is None else BackendUnavailableError(
+                    "the data key was replaced during this read (rekey): retry")
             return records.open_sealed(key.aead, sealed)
         except CorruptRecordError as exc:
-            if self._key is not key:
-                raise
+            if self._key is None:
+                raise LockedError() from None
+            if self._key is not key or self._rebuilding:
+                raise BackendUnavailableError(
+                    "a rekey is switching the store's files: retry in a moment") from None
             raise self._mark_damaged(entry, exc) from None
 
     # --- reads ------------------------------------------------------------------
@@ -371,7 +542,7 @@ class FileBackend(Backend):
             return SecretResult(name, Secret(values.current), entry.version)
         if values.previous is None:
             return None
-        return SecretResult(name, Secret(values.previous), entry.meta.previous_version)
+        return SecretResult(name, Secret(values.previous), entry.version - 1)
 
     async def describe(self, name: str) -> DescribeResult | None:
         key = self._require_key()
@@ -380,8 +551,8 @@ class FileBackend(Backend):
         if entry is None:
             return None
         m = entry.meta
-        return DescribeResult(
-            name, as_kind(m.kind), entry.version, m.created, m.updated, m.previous_version > 0)
+        return DescribeResult(name, as_kind(m.kind), m.version, m.created, m.updated,
+                              m.has_previous)
 
     async def list(self, prefix: str) -> list[str]:
         self._require_key()
@@ -395,7 +566,8 @@ class FileBackend(Backend):
             return None
         v = await self._values(key, entry)
         m = entry.meta
-        return RecordExport(v.current, v.previous, entry.version, m.previous_version, m.kind,
+        return RecordExport(v.current, v.previous, m.version,
+                            m.version - 1 if v.previous is not None else 0, m.kind,
                             m.created, m.updated)
 
     # --- writes (the base class holds the name's lock) ----------------------------
@@ -407,54 +579,81 @@ class FileBackend(Backend):
         return None if entry is None else entry.version
 
     async def _put(self, name: str, value: Secret, kind: str | None, expect: int | None) -> int:
-        key = self._require_key()
-        self._check_not_damaged(key, name)
-        generation = self._generation
-        old = self._index.get(name)
-        now = self._clock()
-        if old is None:
-            meta = Meta(name, kind or DEFAULT_KIND, now, now, 0)
-            return await self._write(key, generation, name, None, 1, meta,
-                                     Values(value.reveal(), None))
-        current = (await self._values(key, old)).current
-        meta = Meta(name, kind or old.meta.kind, old.meta.created, now, old.version)
-        return await self._write(key, generation, name, old, old.version + 1, meta,
-                                 Values(value.reveal(), current))
+        async with self._gate.shared():
+            key = self._require_key()
+            self._check_not_damaged(key, name)
+            epoch = self._epoch
+            old = self._index.get(name)
+            now = self._clock()
+            if old is None:
+                meta = Meta(name, kind or DEFAULT_KIND, now, now, 1, False)
+                return await self._write(key, epoch, name, None, meta, Values(value.reveal(), None))
+            current = (await self._values(key, old)).current
+            meta = Meta(name, kind or old.meta.kind, old.meta.created, now, old.version + 1, True)
+            return await self._write(key, epoch, name, old, meta, Values(value.reveal(), current))
 
     async def _import(self, name: str, record: RecordExport) -> None:
-        key = self._require_key()
-        self._check_not_damaged(key, name)
-        meta = Meta(name, record.kind, record.created, record.updated, record.previous_version)
-        await self._write(key, self._generation, name, self._index.get(name), record.version, meta,
-                          Values(record.current, record.previous))
+        async with self._gate.shared():
+            key = self._require_key()
+            self._check_not_damaged(key, name)
+            meta = Meta(name, record.kind, record.created, record.updated, record.version,
+                        record.previous is not None)
+            await self._write(key, self._epoch, name, self._index.get(name), meta,
+                              Values(record.current, record.previous))
 
-    async def _write(self, key: DataKey, generation: int, name: str, old: _Entry | None,
-                     version: int, meta: Meta, values: Values) -> int:
-        if key.aead is None or generation != self._generation:
+    def _state(self, key: DataKey, epoch: int) -> ManifestState:
+        mf = self._mf
+        if key.aead is None or epoch != self._epoch or mf is None:
             raise LockedError()
+        return mf
+
+    async def _write(self, key: DataKey, epoch: int, name: str, old: _Entry | None,
+                     meta: Meta, values: Values) -> int:
+        mf = self._state(key, epoch)
         file_id = old.file_id if old else key.file_id(name)
-        blob = records.seal(key.aead, file_id, version, meta, values)
+        after = Slot(old.slot.record_id if old else os.urandom(records.RECORD_ID_BYTES),
+                     mf.generation)
+        # 1. the manifest announces the write (old and new record both acceptable)
+        before = mf.stage_pending(file_id, after)
+        try:
+            await mf.commit()
+        except BaseException:
+            mf.stage(file_id, before)
+            raise
+        crash_point("write-manifest-pending")
+        # 2. the record
+        assert key.aead is not None
+        blob = records.seal(key.aead, file_id, after.generation, after.record_id, meta, values)
         try:
             await anyio.to_thread.run_sync(
                 atomicfile.replace, self.dir, file_id + records.SUFFIX, blob, f"write secret {name!r}",
             )
         except atomicfile.NotSyncedError:
-            self._set(generation, name, _Entry(file_id, version, meta, None))
+            mf.stage(file_id, Entry(after))  # in place: the new record is the one in force
+            self._set(epoch, name, _Entry(file_id, after, meta, None))
             raise
-        self._set(generation, name, _Entry(
-            file_id, version, meta, self._maybe_cache(blob, file_id, version, old)))
-        return version
+        except BaseException:
+            mf.stage(file_id, before)  # the old record holds; the pending entry says so too
+            raise
+        crash_point("write-record")
+        # 3. the manifest makes it final; then the write is answered
+        mf.stage(file_id, Entry(after))
+        self._set(epoch, name, _Entry(file_id, after, meta,
+                                      self._maybe_cache(blob, file_id, after, old)))
+        await mf.commit()
+        crash_point("write-manifest-final")
+        return meta.version
 
     def _maybe_cache(
-        self, blob: bytes, file_id: str, version: int, old: _Entry | None
+        self, blob: bytes, file_id: str, slot: Slot, old: _Entry | None
     ) -> records.SealedValues | None:
         freed = old.cached_bytes if old else 0
         if len(blob) <= CACHE_RECORD_LIMIT and self._cached_bytes - freed + len(blob) <= CACHE_BUDGET:
-            return records.sealed_values(blob, file_id, version)
+            return records.sealed_values(blob, file_id, slot.generation, slot.record_id)
         return None
 
-    def _set(self, generation: int, name: str, entry: _Entry | None) -> None:
-        if generation != self._generation:
+    def _set(self, epoch: int, name: str, entry: _Entry | None) -> None:
+        if epoch != self._epoch:
             return  # locked meanwhile: the file is written, the index is gone
         old = self._index.pop(name, None)
         if old is not None:
@@ -464,26 +663,53 @@ class FileBackend(Backend):
             self._cached_bytes += entry.cached_bytes
 
     async def _remove(self, name: str, force: bool) -> bool:
-        key = self._require_key()
-        generation = self._generation
-        fid = key.file_id(name)
-        if fid in self._damaged:
-            if not force:
-                raise CorruptRecordError(_damaged_message(fid, self._damaged[fid][1]))
-            existed = await anyio.to_thread.run_sync(
-                atomicfile.remove, self.dir, fid + records.SUFFIX, f"remove damaged record of {name!r}")
-            self._damaged.pop(fid, None)
-            self._set(generation, name, None)
-            log.warning("removed the damaged record %s%s of %r (forced)", fid, records.SUFFIX, name)
-            return existed
-        entry = self._index.get(name)
-        if entry is None:
-            return False
+        async with self._gate.shared():
+            key = self._require_key()
+            epoch = self._epoch
+            mf = self._state(key, epoch)
+            fid = key.file_id(name)
+            if fid in self._damaged:
+                if not force:
+                    raise CorruptRecordError(_damaged_message(fid, self._damaged[fid][1]))
+                existed = await self._unlink(mf, fid, f"remove damaged record of {name!r}")
+                self._damaged.pop(fid, None)
+                self._set(epoch, name, None)
+                log.warning("removed the damaged record %s%s of %r (forced)", fid, records.SUFFIX,
+                            name)
+                return existed
+            entry = self._index.get(name)
+            if entry is None:
+                return False
+            await self._unlink(mf, fid, f"delete secret {name!r}",
+                               lambda: self._set(epoch, name, None))
+            return True
+
+    async def _unlink(self, mf: ManifestState, fid: str, what: str,
+                      gone: Callable[[], None] = lambda: None) -> bool:
+        """Delete a record: manifest (pending delete), unlink, manifest (entry dropped)."""
+        listed = fid in mf.entries
+        if listed:
+            before = mf.stage_pending(fid, None)
+            try:
+                await mf.commit()
+            except BaseException:
+                mf.stage(fid, before)
+                raise
+            crash_point("delete-manifest-pending")
         try:
-            await anyio.to_thread.run_sync(
-                atomicfile.remove, self.dir, entry.file_id + records.SUFFIX, f"delete secret {name!r}",
-            )
-        finally:
-            if not os.path.lexists(self.dir / (entry.file_id + records.SUFFIX)):
-                self._set(generation, name, None)
-        return True
+            existed = await anyio.to_thread.run_sync(
+                atomicfile.remove, self.dir, fid + records.SUFFIX, what)
+        except atomicfile.NotSyncedError:
+            mf.stage(fid, None)
+            gone()
+            raise
+        except BaseException:
+            if listed:
+                mf.stage(fid, before)
+            raise
+        crash_point("delete-unlinked")
+        gone()
+        if listed:
+            mf.stage(fid, None)
+            await mf.commit()
+        return existed
