@@ -195,10 +195,12 @@ def test_an_overflowing_watch_empties_the_cache(unlocked: Daemon, cached: Secret
             for i in range(0, 7000, 100):
                 w.call_many(m.STORE, [m.StoreParams(f"flood/{(i + j) % 300}", _s("x")) for j in range(100)])
             w.rotate("victim", "new")  # its event is dropped: the outbox overflowed
-        assert cached.get("victim") == "new"
+        assert cached.get("victim") == "new"  # behind: asked the agent, never the old entry
         assert cache.core.resets > resets
-        live(cached)
+        live(cached)  # caught up: the queued events and the agent's overflow line arrived
+        assert cache.core.overflows == 1
         assert cached.get("victim") == "new"
+        assert cached.get("victim") == "new"  # and cached again
 
 
 def _s(v: str):  # type: ignore[no-untyped-def]
@@ -347,7 +349,7 @@ def test_get_many_raises_the_first_error_and_uses_the_cache(unlocked: Daemon, ca
 
 
 @pytest.mark.anyio
-async def test_the_async_cache_follows_rotates_overflows_and_reconnects(unlocked: Daemon) -> None:
+async def test_the_async_cache_follows_rotates_locks_and_reconnects(unlocked: Daemon) -> None:
     with SecretsClient(unlocked.socket) as w:
         w.store("k", "v0")
         async with AsyncSecretsClient(unlocked.socket, cache=True, timeout=5) as c:
