@@ -7,10 +7,10 @@ so use ``async with``) hands each reply to the call waiting for it.
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -31,6 +31,7 @@ from homeagent_secrets.protocol.rpc import ClientProtocol, Reply
 from homeagent_secrets.protocol.secret import Secret
 
 from . import connect
+from .cache import BACKOFF_FIRST, BACKOFF_MAX, MISS, CacheCore, Entry, open_watch
 from .connect import as_secret
 from .events import WatchEvent, event_of
 
@@ -62,8 +63,82 @@ class _Connection:
         self.waiters.clear()
 
 
+class _AsyncCache:
+    """The async client's cache (rules in ``client/cache.py``): a task in the
+    client's task group keeps the watch open and read. Everything runs on the
+    event loop's thread, so no lock is needed."""
+
+    def __init__(self, path: Path, connect_timeout: float, timeout: float) -> None:
+        self.path = path
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.core = CacheCore()
+        self._entries = self.core.entries
+        self.started = False
+        self.scope: anyio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return repr(self.core)
+
+    def lookup(self, name: str) -> Entry | object:
+        core = self.core
+        if not core.serving:
+            if core.behind and core.drain():
+                core.caught_up()
+            return MISS
+        if core.epoll.poll(0):  # an event is waiting: apply it before answering
+            core.drain()
+            if not core.serving:
+                return MISS
+        return self._entries.get(name, MISS)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Open the watch (the first attempt before ``started``), follow it, reopen it."""
+        backoff = BACKOFF_FIRST
+        first = True
+        with anyio.CancelScope() as self.scope:
+            try:
+                while True:
+                    try:
+                        sock, proto = await anyio.to_thread.run_sync(
+                            open_watch, self.path, (), self.connect_timeout, self.timeout)
+                    except SecretsError:
+                        if first:
+                            first = False
+                            task_status.started()
+                        await anyio.sleep(backoff)
+                        backoff = min(backoff * 2, BACKOFF_MAX)
+                        continue
+                    self.core.attach(sock, proto)
+                    backoff = BACKOFF_FIRST
+                    if first:
+                        first = False
+                        task_status.started()
+                    try:
+                        while self.core.live:
+                            await anyio.wait_readable(sock)
+                            if not self.core.drain():
+                                break
+                    finally:
+                        self.core.detach()
+            finally:
+                self.core.detach()
+
+    def close(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+        self.started = False
+        self.core.detach()
+
+
 class AsyncSecretsClient:
-    """``async with AsyncSecretsClient() as c: await c.retrieve("name")``."""
+    """``async with AsyncSecretsClient() as c: await c.retrieve("name")``.
+
+    With ``cache=True``, ``retrieve``/``get`` of current values answer from
+    memory while a watch says the cached version is current (the rules of
+    ``SecretsClient(cache=True)``, see ``client/cache.py``); the watch is a
+    task of the client's task group, opened by the first ``retrieve``.
+    """
 
     def __init__(
         self,
@@ -71,6 +146,7 @@ class AsyncSecretsClient:
         *,
         timeout: float = connect.DEFAULT_TIMEOUT,
         connect_timeout: float = connect.DEFAULT_CONNECT_TIMEOUT,
+        cache: bool = False,
     ) -> None:
         self.socket_path = connect.socket_path(socket_path)
         self.timeout = timeout
@@ -78,6 +154,7 @@ class AsyncSecretsClient:
         self._conn: _Connection | None = None
         self._connect_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
+        self.cache = _AsyncCache(self.socket_path, connect_timeout, timeout) if cache else None
 
     async def __aenter__(self) -> AsyncSecretsClient:
         self._tg = anyio.create_task_group()
@@ -93,6 +170,8 @@ class AsyncSecretsClient:
         return await self._tg.__aexit__(et, e, tb)
 
     async def aclose(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.fail_all()
@@ -181,6 +260,60 @@ class AsyncSecretsClient:
             return conn.proto.decode_result(method, reply.result)
         raise AssertionError("unreachable")
 
+    async def call_many(self, method: Method[P, R], params: Sequence[P], timeout: float | None = None) -> list[R]:
+        """Send every request in one round trip (batches of at most 100, written together)
+        and return the typed results in order; the first error (in order) is raised."""
+        if not params:
+            return []
+        timeout = self.timeout if timeout is None else timeout
+        for attempt in (0, 1):
+            conn = await self._connection()
+            ids: list[int] = []
+            lines: list[bytes] = []
+            for i in range(0, len(params), connect.BATCH_MAX):
+                chunk_ids, line = conn.proto.batch([(method, p) for p in params[i:i + connect.BATCH_MAX]])
+                connect.check_size(line, method)
+                ids += chunk_ids
+                lines.append(line)
+            waiters = [conn.waiters.setdefault(i, _Waiter()) for i in ids]
+            try:
+                async with conn.send_lock:
+                    await conn.stream.send(b"".join(lines))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                for i in ids:
+                    conn.waiters.pop(i, None)
+                conn.fail_all()
+                if attempt == 0:
+                    continue  # nothing reached the daemon
+                raise connect.unreachable(self.socket_path, "the connection closed") from None
+            try:
+                with anyio.fail_after(timeout):
+                    for w in waiters:
+                        await w.event.wait()
+            except TimeoutError:
+                for i in ids:
+                    conn.waiters.pop(i, None)
+                raise AgentUnreachableError(
+                    f"secretsd did not answer a batch of {method.name} within {timeout:g} s; "
+                    "check `secretsctl status` and the secretsd log"
+                ) from None
+            if any(w.reply is None for w in waiters):
+                if conn.error is not None:
+                    raise conn.error
+                if attempt == 0 and connect.may_resend(method, sent=True):
+                    continue
+                raise connect.unreachable(
+                    self.socket_path,
+                    "the connection closed during the call; the requests may or may not have been applied",
+                )
+            replies = [w.reply for w in waiters]
+            for reply in replies:
+                assert reply is not None
+                if reply.error is not None:
+                    raise reply.error
+            return [conn.proto.decode_result(method, r.result) for r in replies if r is not None]
+        raise AssertionError("unreachable")
+
     async def watch(self, patterns: Sequence[str] = ()) -> AsyncIterator[WatchEvent]:
         """Events for the names matching ``patterns`` (all the caller may read when
         empty), on a connection of their own, until the iteration stops.
@@ -242,19 +375,72 @@ class AsyncSecretsClient:
         return (await self.call(m.REKEY, m.RekeyParams(as_secret(old), as_secret(new)))).rekeyed
 
     async def store(self, name: str, value: str | Secret, kind: Kind | None = None) -> int:
-        return (await self.call(m.STORE, m.StoreParams(name, as_secret(value), kind))).version
+        version = (await self.call(m.STORE, m.StoreParams(name, as_secret(value), kind))).version
+        if self.cache is not None:
+            self.cache.core.wrote(name, version)
+        return version
+
+    async def _start_cache(self, cache: _AsyncCache) -> None:
+        if not cache.started:
+            if self._tg is None:
+                raise RuntimeError("use `async with AsyncSecretsClient() as client:`")
+            cache.started = True
+            await self._tg.start(cache.run)
 
     async def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
-        return await self.call(m.RETRIEVE,
-                               m.RetrieveParams(name, "previous" if previous else "current"))
+        """The value (a ``Secret``) and version of ``name``, or None when absent."""
+        cache = self.cache
+        if cache is None or previous:
+            return await self.call(m.RETRIEVE,
+                                   m.RetrieveParams(name, "previous" if previous else "current"))
+        found = cache.lookup(name)
+        if found is not MISS:
+            return found  # type: ignore[return-value]
+        await self._start_cache(cache)
+        token = cache.core.gen
+        result = await self.call(m.RETRIEVE, m.RetrieveParams(name))
+        cache.core.fill(name, result, token)
+        return result
 
     async def get(self, name: str, previous: bool = False) -> str | None:
         """The plain value, or None."""
         result = await self.retrieve(name, previous)
         return None if result is None else result.value.reveal()
 
+    async def retrieve_many(self, names: Iterable[str]) -> dict[str, SecretResult | None]:
+        """Current values of ``names`` in one round trip (cached ones from memory): a dict
+        in the order given, None for an absent name; the first error (in order) is raised."""
+        wanted = list(dict.fromkeys(names))
+        found: dict[str, Any] = {}
+        cache = self.cache
+        ask = wanted
+        if cache is not None:
+            await self._start_cache(cache)
+            ask = []
+            for name in wanted:
+                hit = cache.lookup(name)
+                if hit is MISS:
+                    ask.append(name)
+                else:
+                    found[name] = hit
+        token = cache.core.gen if cache is not None else 0
+        results = await self.call_many(m.RETRIEVE, [m.RetrieveParams(n) for n in ask])
+        for name, result in zip(ask, results, strict=True):
+            found[name] = result
+            if cache is not None:
+                cache.core.fill(name, result, token)
+        return {name: found[name] for name in wanted}
+
+    async def get_many(self, names: Iterable[str]) -> dict[str, str | None]:
+        """Plain values of ``names`` in one round trip: name -> value, None when absent."""
+        return {name: None if r is None else r.value.reveal()
+                for name, r in (await self.retrieve_many(names)).items()}
+
     async def delete(self, name: str, force: bool = False) -> bool:
-        return await self.call(m.DELETE, m.DeleteParams(name, force))
+        existed = await self.call(m.DELETE, m.DeleteParams(name, force))
+        if self.cache is not None:
+            self.cache.core.wrote(name, 0)
+        return existed
 
     async def list(self, prefix: str = "") -> list[str]:
         names: list[str] = []
@@ -272,7 +458,10 @@ class AsyncSecretsClient:
             after = page[-1]
 
     async def rotate(self, name: str, value: str | Secret) -> int:
-        return (await self.call(m.ROTATE, m.RotateParams(name, as_secret(value)))).version
+        version = (await self.call(m.ROTATE, m.RotateParams(name, as_secret(value)))).version
+        if self.cache is not None:
+            self.cache.core.wrote(name, version)
+        return version
 
     async def describe(self, name: str) -> DescribeResult | None:
         return await self.call(m.DESCRIBE, m.NameParams(name))

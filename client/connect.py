@@ -28,11 +28,14 @@ from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME
 from homeagent_secrets.protocol.messages import Method
 from homeagent_secrets.protocol.paths import discover_socket
 from homeagent_secrets.protocol.secret import Secret
+from homeagent_secrets.protocol.server import MAX_BATCH
 
 DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_CONNECT_TIMEOUT: Final = 2.0
 #: Names fetched per ``list`` round trip (each answer stays far below any frame limit).
 LIST_PAGE: Final = 1000
+#: Requests per batch line (the agent refuses larger batches).
+BATCH_MAX: Final = MAX_BATCH
 _PEERCRED: Final = struct.Struct("3i")
 
 
@@ -67,6 +70,12 @@ def connect_error(path: Path, exc: BaseException) -> AgentUnreachableError:
 def server_uid(sock: socket.socket) -> int:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     return int(_PEERCRED.unpack(raw)[1])
+
+
+def server_pid(sock: socket.socket) -> int:
+    """The pid of the process that listens at the other end (0 when unknown)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return int(_PEERCRED.unpack(raw)[0])
 
 
 def vouched_uid(path: Path) -> int | None:

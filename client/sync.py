@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from homeagent_secrets.protocol.rpc import ClientProtocol, Reply
 from homeagent_secrets.protocol.secret import Secret
 
 from . import connect
+from .cache import MISS, SyncCache
 from .connect import as_secret
 from .events import WatchEvent, event_of
 
@@ -42,6 +43,11 @@ class SecretsClient:
     Calls are serialized on the connection. If the daemon restarted, the next
     call reconnects once by itself; a write whose connection drops after it was
     sent is not replayed (it may have been applied) and raises instead.
+
+    With ``cache=True``, ``retrieve``/``get`` (current values) answer from this
+    process's memory while a watch (its own connection, read by a background
+    thread) says the cached version is current; see ``client/cache.py`` for
+    the rules. The watch opens on the first ``retrieve``.
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class SecretsClient:
         *,
         timeout: float = connect.DEFAULT_TIMEOUT,
         connect_timeout: float = connect.DEFAULT_CONNECT_TIMEOUT,
+        cache: bool = False,
     ) -> None:
         self.socket_path = connect.socket_path(socket_path)
         self.timeout = timeout
@@ -57,6 +64,7 @@ class SecretsClient:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proto = ClientProtocol()
+        self.cache = SyncCache(self.socket_path, connect_timeout, timeout) if cache else None
 
     # --- connection -------------------------------------------------------------
 
@@ -67,7 +75,9 @@ class SecretsClient:
         return sock
 
     def close(self) -> None:
-        """Close the connection (a later call opens a new one)."""
+        """Close the connection and the cache's watch (a later call opens new ones)."""
+        if self.cache is not None:
+            self.cache.close()
         with self._lock:
             self._drop()
 
@@ -120,11 +130,17 @@ class SecretsClient:
                 sock = self._sock or self._connect()
                 if len(methods) == 1:
                     id_, line = self._proto.request(methods[0], params[0])
+                    connect.check_size(line, methods[0])
                     ids = [id_]
-                else:
-                    ids, line = self._proto.batch(list(zip(methods, params, strict=True)))
-                for method in methods:
-                    connect.check_size(line, method)
+                else:  # batches of at most BATCH_MAX, sent together: one round trip
+                    ids, lines = [], []
+                    calls = list(zip(methods, params, strict=True))
+                    for i in range(0, len(calls), connect.BATCH_MAX):
+                        chunk_ids, chunk = self._proto.batch(calls[i:i + connect.BATCH_MAX])
+                        connect.check_size(chunk, calls[i][0])
+                        ids += chunk_ids
+                        lines.append(chunk)
+                    line = b"".join(lines)
                 try:
                     got = self._exchange(sock, set(ids), line, timeout)
                 except _Dropped as dropped:
@@ -155,6 +171,17 @@ class SecretsClient:
         if reply.error is not None:
             raise reply.error
         return self._proto.decode_result(method, reply.result)
+
+    def call_many(self, method: Method[P, R], params: Sequence[P], timeout: float | None = None) -> list[R]:
+        """Send every request in one round trip (batches of at most 100, written together)
+        and return the typed results in order; the first error (in order) is raised."""
+        if not params:
+            return []
+        replies = self._send([method] * len(params), list(params), timeout)
+        for reply in replies:
+            if reply.error is not None:
+                raise reply.error
+        return [self._proto.decode_result(method, r.result) for r in replies]
 
     def watch(self, patterns: Sequence[str] = (), *, timeout: float | None = None) -> Iterator[WatchEvent]:
         """Events for the names matching ``patterns`` (all the caller may read when empty),
@@ -219,19 +246,69 @@ class SecretsClient:
         return self.call(m.REKEY, m.RekeyParams(as_secret(old), as_secret(new))).rekeyed
 
     def store(self, name: str, value: str | Secret, kind: Kind | None = None) -> int:
-        return self.call(m.STORE, m.StoreParams(name, as_secret(value), kind)).version
+        version = self.call(m.STORE, m.StoreParams(name, as_secret(value), kind)).version
+        if self.cache is not None:
+            self.cache.wrote(name, version)
+        return version
 
     def retrieve(self, name: str, previous: bool = False) -> SecretResult | None:
-        return self.call(m.RETRIEVE, m.RetrieveParams(name, "previous" if previous else "current"))
+        """The value (a ``Secret``) and version of ``name``, or None when absent."""
+        cache = self.cache
+        if cache is None or previous:
+            return self.call(m.RETRIEVE, m.RetrieveParams(name, "previous" if previous else "current"))
+        found = cache.lookup(name)
+        if found is not MISS:
+            return found  # type: ignore[return-value]
+        token = cache.token()
+        result = self.call(m.RETRIEVE, m.RetrieveParams(name))
+        cache.fill(name, result, token)
+        return result
 
     def get(self, name: str, previous: bool = False) -> str | None:
         """The plain value, or None: the ``keyring.get_password`` of this agent."""
+        cache = self.cache
+        if cache is not None and not previous:  # the hot path, one call shallower
+            found = cache.lookup(name)
+            if found is not MISS:
+                return None if found is None else found.value.reveal()  # type: ignore[union-attr]
         result = self.retrieve(name, previous)
         return None if result is None else result.value.reveal()
 
+    def retrieve_many(self, names: Iterable[str]) -> dict[str, SecretResult | None]:
+        """Current values of ``names`` in one round trip (cached ones from memory):
+        a dict in the order given (duplicates once), None for an absent name.
+        Any error (an invalid name, a denied one, locked) is raised, the first in order."""
+        wanted = list(dict.fromkeys(names))
+        found: dict[str, SecretResult | None] = {}
+        cache = self.cache
+        ask = wanted
+        if cache is not None:
+            ask = []
+            for name in wanted:
+                hit = cache.lookup(name)
+                if hit is MISS:
+                    ask.append(name)
+                else:
+                    found[name] = hit  # type: ignore[assignment]
+        token = cache.token() if cache is not None else 0
+        results = self.call_many(m.RETRIEVE, [m.RetrieveParams(n) for n in ask])
+        for name, result in zip(ask, results, strict=True):
+            found[name] = result
+            if cache is not None:
+                cache.fill(name, result, token)
+        return {name: found[name] for name in wanted}
+
+    def get_many(self, names: Iterable[str]) -> dict[str, str | None]:
+        """Plain values of ``names`` in one round trip: name -> value, None when absent
+        (see ``retrieve_many`` for order and errors)."""
+        return {name: None if r is None else r.value.reveal() for name, r in self.retrieve_many(names).items()}
+
     def delete(self, name: str, force: bool = False) -> bool:
         """Delete a secret; ``force`` also removes a damaged record of that name."""
-        return self.call(m.DELETE, m.DeleteParams(name, force))
+        existed = self.call(m.DELETE, m.DeleteParams(name, force))
+        if self.cache is not None:
+            self.cache.wrote(name, 0)
+        return existed
 
     def list(self, prefix: str = "") -> list[str]:
         """Every name starting with ``prefix``, sorted (fetched a page at a time)."""
@@ -250,7 +327,10 @@ class SecretsClient:
             after = page[-1]
 
     def rotate(self, name: str, value: str | Secret) -> int:
-        return self.call(m.ROTATE, m.RotateParams(name, as_secret(value))).version
+        version = self.call(m.ROTATE, m.RotateParams(name, as_secret(value))).version
+        if self.cache is not None:
+            self.cache.wrote(name, version)
+        return version
 
     def describe(self, name: str) -> DescribeResult | None:
         return self.call(m.DESCRIBE, m.NameParams(name))
