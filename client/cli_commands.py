@@ -188,6 +188,15 @@ def cmd_migrate(c: SecretsClient, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _lazy(module: str, name: str) -> Callable[[SecretsClient, argparse.Namespace], int]:
+    """A command of a module imported only when that command runs."""
+    import importlib
+
+    fn: Callable[[SecretsClient, argparse.Namespace], int] = getattr(
+        importlib.import_module(f"{__package__}.{module}"), name)
+    return fn
+
+
 def cmd_whoami(c: SecretsClient, a: argparse.Namespace) -> int:
     who = c.whoami()
     if a.json:
@@ -264,10 +273,12 @@ COMMANDS: Final[dict[str, Callable[[SecretsClient, argparse.Namespace], int]]] =
     "status": cmd_status, "set": cmd_set, "get": cmd_get, "rm": cmd_rm, "ls": cmd_ls,
     "rotate": cmd_rotate, "describe": cmd_describe, "migrate": cmd_migrate,
     "whoami": cmd_whoami, "audit": cmd_audit,
+    "watch": lambda c, a: _lazy("watchcli", "cmd_watch")(c, a),
+    "run": lambda c, a: _lazy("run", "cmd_run")(c, a),
 }
 #: Commands whose result goes to standard output (refused when it is closed).
-PRINTING: Final = frozenset({"status", "get", "ls", "describe", "whoami", "audit", "completion",
-                             COMPLETE})
+PRINTING: Final = frozenset({"status", "get", "ls", "describe", "whoami", "audit", "watch",
+                             "completion", COMPLETE})
 
 
 def home_problem(c: SecretsClient, home: Path) -> str | None:

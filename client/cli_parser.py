@@ -31,7 +31,8 @@ from .cli_errors import (
 PROG: Final = "secretsctl"
 #: Every command, in the order --help lists them (the hidden COMPLETE is not listed).
 COMMANDS: Final = ("init", "unlock", "lock", "passwd", "status", "set", "get", "rm", "ls",
-                   "rotate", "describe", "migrate", "whoami", "audit", "completion", COMPLETE)
+                   "rotate", "describe", "migrate", "whoami", "audit", "watch", "run", "completion",
+                   COMPLETE)
 #: Metavars of the positionals that take a secret name (completed from the agent).
 NAME_METAVARS: Final = ("NAME", "PREFIX")
 
@@ -313,6 +314,17 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="only events about names matching PATTERN (* one segment, ** any)")
     sp.add_argument("--file", metavar="FILE", help="the log file (default: the agent's audit_log)")
     sp.add_argument("--json", action="store_true", help="the events as JSON lines, as stored")
+
+    if only in (None, "watch"):  # imported only when asked for (secretsctl get stays lean)
+        from . import watchcli
+
+        sp = add("watch", watchcli.HELP, (*_AGENT, EXIT_BROKEN_PIPE), watchcli.RULES)
+        watchcli.watch_arguments(sp)
+    if only in (None, "run"):
+        from . import run as run_cmd
+
+        sp = add("run", run_cmd.HELP, (*_AGENT, EXIT_LOCKED, EXIT_NOT_FOUND), run_cmd.RULES)
+        run_cmd.run_arguments(sp)
 
     sp = add("completion", "print the shell completion script for bash or zsh",
              (EXIT_USAGE, EXIT_BROKEN_PIPE),

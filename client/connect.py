@@ -24,11 +24,10 @@ from homeagent_secrets.protocol.errors import (
     UntrustedAgentError,
     ValueTooLargeError,
 )
-from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME
+from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME, MAX_BATCH
 from homeagent_secrets.protocol.messages import Method
 from homeagent_secrets.protocol.paths import discover_socket
 from homeagent_secrets.protocol.secret import Secret
-from homeagent_secrets.protocol.server import MAX_BATCH
 
 DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_CONNECT_TIMEOUT: Final = 2.0

@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from homeagent_secrets.protocol.errors import InvalidParams, NotFoundError, SecretsError
 from homeagent_secrets.protocol.messages import SecretResult
@@ -132,11 +132,22 @@ def env_mapping(pairs: list[str], env_file: str | None) -> dict[str, str]:
     return mapping
 
 
-def add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    """Add ``run`` to secretsctl's subcommands."""
-    text = "run a command with secrets in its environment; restart it when they change"
-    sp: argparse.ArgumentParser = sub.add_parser("run", help=text, description=text)
-    sp.set_defaults(fn=cmd_run)
+HELP: Final = "run a command with secrets in its environment; restart it when they change"
+RULES: Final = (
+    "CMD is started with each --env VAR=NAME (or --env-file line) set to the secret NAME, and\n"
+    "the rest of secretsctl's environment unless --no-inherit-env. Values never appear on a\n"
+    "command line or in secretsctl's output. When one of the secrets changes: restart stops\n"
+    "CMD (SIGTERM, then SIGKILL after --grace) and starts it with the new values; signal:SIG\n"
+    f"sends SIG; exit stops CMD and exits {EXIT_CHANGED}; ignore does nothing. Signals sent to\n"
+    "secretsctl run (HUP INT QUIT TERM USR1 USR2 WINCH) are passed to CMD. The exit status is\n"
+    "CMD's own (128+N when a signal N ended it; 127 not found, 126 not executable).\n"
+    "Prefer the client library or systemd credentials: environment variables leak into\n"
+    "child processes, crash reports and /proc/PID/environ of the same user."
+)
+
+
+def run_arguments(sp: argparse.ArgumentParser | Any) -> None:
+    """``run``'s arguments, on the parser secretsctl made for it."""
     sp.add_argument("--env", action="append", default=[], metavar="VAR=NAME",
                     help="set VAR to the secret NAME (repeatable)")
     sp.add_argument("--env-file", metavar="FILE", help="lines VAR=NAME (# comments)")
@@ -147,13 +158,13 @@ def add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser: 
                     help="after SIGTERM, wait this long before SIGKILL (default 10)")
     sp.add_argument("--no-inherit-env", action="store_true",
                     help="give CMD only the secrets' variables, not secretsctl's environment")
-    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    return sp
+    sp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                    help="the command to run, after --")
 
 
 def cmd_run(client: SecretsClient, args: argparse.Namespace) -> int:
     """``secretsctl run``: returns the exit code to pass on."""
-    command = list(args.command)
+    command = list(args.argv)
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -33,15 +33,17 @@ def event_line(ev: WatchEvent, as_json: bool) -> str:
     return ev.kind
 
 
-def add_watch_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    """Add ``watch`` to secretsctl's subcommands."""
-    text = "print one line per change of the secrets matching the patterns (never a value)"
-    sp: argparse.ArgumentParser = sub.add_parser("watch", help=text, description=text)
-    sp.set_defaults(fn=cmd_watch)
+HELP: Final = "print one line per change of the secrets matching the patterns (never a value)"
+RULES: Final = ("Each line is `<event> <name> <version>` (stored, rotated, deleted), or locked,\n"
+                "unlocked, overflow (events were lost: read again what matters). Runs until\n"
+                "Ctrl-C (exit 0) or until the agent goes away (exit 5).")
+
+
+def watch_arguments(sp: argparse.ArgumentParser | Any) -> None:
+    """``watch``'s arguments, on the parser secretsctl made for it."""
     sp.add_argument("patterns", nargs="*", metavar="PATTERN",
                     help="name globs (* one segment, ** any number); none: every name you may read")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
-    return sp
 
 
 def cmd_watch(client: SecretsClient, args: argparse.Namespace) -> int:

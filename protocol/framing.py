@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Final
 
 DEFAULT_MAX_FRAME: Final = 1 << 20  # 1 MiB
+#: The most requests one batch line may hold (a longer batch is one -32600).
+MAX_BATCH: Final = 100
 
 
 class FrameSplitter:

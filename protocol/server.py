@@ -22,13 +22,11 @@ from typing import Any, Final, Union
 import msgspec
 
 from .errors import InvalidParams, InvalidRequest, MethodNotFound, ParseError, SecretsError
-from .framing import DEFAULT_MAX_FRAME, FrameSplitter
+from .framing import DEFAULT_MAX_FRAME, MAX_BATCH, FrameSplitter
 from .messages import METHODS, ListParams, Method, NoParams, Params
 from .rpc import Id, encode_error_into, encode_result_into
 from .secret import dec_hook
 
-#: The most requests one batch may hold; a longer batch is one -32600 (PROTOCOL.md).
-MAX_BATCH: Final = 100
 
 
 class Call:

@@ -110,7 +110,7 @@ def procs() -> Iterator[list[Proc]]:
 
 
 def secretsctl(d: Daemon, *args: str) -> list[str]:
-    return [sys.executable, "-m", "tests.secretsctl_ext", "--socket", str(d.socket), *args]
+    return [sys.executable, "-m", "homeagent_secrets.client.cli", "--socket", str(d.socket), *args]
 
 
 def run(procs: list[Proc], d: Daemon, *opts: str, mode: str = "", command: list[str] | None = None) -> Proc:

@@ -30,7 +30,7 @@ from .terminal import Terminal
 CTL = [sys.executable, "-m", "homeagent_secrets.client.cli"]
 BIN = Path(sys.executable).parent
 COMMANDS_LISTED = ["init", "unlock", "lock", "passwd", "status", "set", "get", "rm", "ls",
-                   "rotate", "describe", "migrate", "whoami", "audit", "completion"]
+                   "rotate", "describe", "migrate", "whoami", "audit", "watch", "run", "completion"]
 
 
 def ctl_bytes(d: Daemon, *args: str, input: bytes | None = None, **kw: object
