@@ -216,7 +216,9 @@ class _Connection:
         except OSError:
             self.gone = True  # the peer went away; its writes still completed
         finally:
-            self.send_blocked_since = None
+            if self.send_blocked_since is not None:
+                self.send_blocked_since = None
+                self.last_active = time.monotonic()  # the peer read: it is not idle
             view.release()
 
     async def send(self, data: bytes | bytearray) -> None:
@@ -306,6 +308,9 @@ class _Connection:
                                 out.clear()
                     finally:
                         self.inline = False
+                        # Idleness counts from the end of the work, not from the
+                        # bytes that asked for it (a long batch is not idleness).
+                        self.last_active = time.monotonic()
                         if sensitive:  # the passphrase is decoded: its raw bytes go now
                             wipe_bytes(data)
                             for line in lines:
