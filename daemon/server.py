@@ -289,7 +289,7 @@ class _Connection:
                                 elif not (method.nowait and dispatcher.answer_now(msg, peer, out)):
                                     await dispatcher.answer(msg, peer, out)
                             elif isinstance(msg, Batch):
-                                if msg.carries_passphrase:
+                                if msg.carries_passphrase or msg.refuses_any:
                                     sensitive = True
                                     for raw in msg.raws:
                                         wipe_bytes(raw)
@@ -301,8 +301,12 @@ class _Connection:
                                         out.clear()
                                     async with self.send_lock:
                                         await self._batch(msg, out)
-                            elif msg.answered:
-                                reject(msg.id, msg.error, out)
+                            else:
+                                # A refused message may hold a passphrase it failed to deliver
+                                # (a bad new one beside the real old one, a repeated key).
+                                sensitive = True
+                                if msg.answered:
+                                    reject(msg.id, msg.error, out)
                             if len(out) >= FLUSH_AT:
                                 await self.send(out)
                                 out.clear()

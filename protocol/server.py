@@ -84,6 +84,11 @@ class Batch:
     def carries_passphrase(self) -> bool:
         return any(isinstance(i, Call) and i.method.carries_passphrase for i in self.items)
 
+    @property
+    def refuses_any(self) -> bool:
+        """Whether an item was refused (it may have held a passphrase it failed to deliver)."""
+        return any(isinstance(i, Rejected) for i in self.items)
+
 
 Incoming = Call | Rejected | Batch
 
