@@ -317,6 +317,7 @@ class _Connection:
                         self.last_active = time.monotonic()
                         if sensitive:  # the passphrase is decoded: its raw bytes go now
                             wipe_bytes(data)
+                            wipe_bytes(self.proto.joined)
                             for line in lines:
                                 wipe_bytes(line)
                     if self.proto.oversize:

@@ -19,12 +19,16 @@ class FrameSplitter:
     ``feed`` returns nothing: the peer is out of step and must be disconnected.
     """
 
-    __slots__ = ("_partial", "max_size", "oversize")
+    __slots__ = ("_keep_joined", "_partial", "joined", "max_size", "oversize")
 
-    def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_size: int = DEFAULT_MAX_FRAME, keep_joined: bool = False) -> None:
         self.max_size = max_size
         self._partial = bytearray()
         self.oversize = False
+        self._keep_joined = keep_joined
+        #: With ``keep_joined``: the bytes the last ``feed`` made by joining a held
+        #: partial message to new data (the caller may wipe them), else None.
+        self.joined: bytes | None = None
 
     @property
     def pending(self) -> int:
@@ -33,12 +37,15 @@ class FrameSplitter:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return each complete non-blank line, without its newline."""
+        self.joined = None
         if self.oversize:
             return []
         if self._partial:
-            self._partial += data
-            data = bytes(self._partial)
+            # One new object, no intermediate copy; the held part is zeroed in place.
+            data = b"".join((self._partial, data))
             self.wipe()
+            if self._keep_joined:
+                self.joined = data
         *lines, rest = data.split(b"\n")
         frames: list[bytes] = []
         for line in lines:

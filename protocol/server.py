@@ -220,7 +220,9 @@ def _bad_envelope(raw: bytes) -> Rejected:
 
 
 def _decode_params(method: Method[Any, Any], raw: msgspec.Raw) -> Params:
-    if len(raw) == 0 or bytes(raw).strip() == b"null":
+    # Only a short Raw is copied to compare: a copy of params that hold a
+    # passphrase would stay in the heap unwiped.
+    if len(raw) == 0 or (len(raw) <= 16 and bytes(raw).strip() == b"null"):
         raw = msgspec.Raw(b"{}")
     try:
         params: Params = _params_decoders[method.name].decode(raw)
@@ -360,7 +362,7 @@ class ServerProtocol:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_batch: int = MAX_BATCH) -> None:
         self.max_frame = max_frame
         self.max_batch = max_batch
-        self._splitter = FrameSplitter(max_frame)
+        self._splitter = FrameSplitter(max_frame, keep_joined=True)
 
     @property
     def pending(self) -> int:
@@ -370,6 +372,12 @@ class ServerProtocol:
     @property
     def oversize(self) -> bool:
         return self._splitter.oversize
+
+    @property
+    def joined(self) -> bytes | None:
+        """The buffer the last ``frames`` built from a held partial message and new
+        data (its lines are cut from it): wipe it with them when sensitive."""
+        return self._splitter.joined
 
     def receive_data(self, data: bytes) -> list[Incoming]:
         """Feed received bytes; return the messages they completed, parsed."""
