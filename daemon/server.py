@@ -20,6 +20,7 @@ What one peer can cost is bounded, so no peer stops the agent for others:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -49,6 +50,14 @@ log = logging.getLogger(__name__)
 
 #: Answers are sent once this many bytes are waiting (and at the end of each chunk).
 FLUSH_AT: Final = 256 * 1024
+#: Seconds between accepts while the process is out of file descriptors.
+ACCEPT_RETRY: Final = 0.1
+_OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in _OUT_OF_DESCRIPTORS
 
 
 @dataclass
@@ -88,8 +97,25 @@ class Server:
             with anyio.CancelScope() as self._accept_scope:
                 task_status.started()
                 async with listener:
+                    starved = False
                     while True:
-                        stream = await listener.accept()
+                        try:
+                            stream = await listener.accept()
+                        except anyio.BrokenResourceError as exc:
+                            if not _out_of_descriptors(exc):
+                                raise
+                            # Peers hold every descriptor the process may open: the
+                            # next accept fails the same way until one closes. Wait,
+                            # never end serving for everyone (trio's serve_listeners).
+                            if not starved:
+                                log.error("cannot accept connections: %s (%d open); "
+                                          "retrying until one closes (raise LimitNOFILE or "
+                                          "lower max_connections)", exc.__cause__,
+                                          self.connections)
+                            starved = True
+                            await anyio.sleep(ACCEPT_RETRY)
+                            continue
+                        starved = False
                         conns.start_soon(self._handle, stream)
             # Accepting stopped: give calls in flight a deadline, then cancel the rest.
             with anyio.move_on_after(self.limits.drain_timeout):
