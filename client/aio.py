@@ -84,10 +84,16 @@ class AsyncSecretsClient:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        await self.aclose()
         assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(et, e, tb)
+        try:
+            await self.aclose()
+        finally:
+            self._tg.cancel_scope.cancel()
+            # The task group holds only this client's reader; the caller's own
+            # exception is not handed to it, so it propagates as itself (a
+            # LockedError stays a LockedError, not an ExceptionGroup around one).
+            await self._tg.__aexit__(None, None, None)
+        return None
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
