@@ -173,9 +173,17 @@ def settle(d: Daemon) -> None:
     (wait_for_socket's probe, a closed client), so connection counts are exact."""
     deadline = time.monotonic() + 5
     last, since = -1, time.monotonic()
+    def sockets() -> int:
+        n = 0
+        for f in os.listdir(f"/proc/{d.pid}/fd"):
+            try:
+                n += os.readlink(f"/proc/{d.pid}/fd/{f}").startswith("socket:")
+            except FileNotFoundError:
+                pass  # closed meanwhile
+        return n
+
     while time.monotonic() < deadline and time.monotonic() - since < 0.2:
-        n = sum(1 for f in os.listdir(f"/proc/{d.pid}/fd")
-                if os.readlink(f"/proc/{d.pid}/fd/{f}").startswith("socket:"))
+        n = sockets()
         if n != last:
             last, since = n, time.monotonic()
         time.sleep(0.02)
