@@ -12,6 +12,8 @@ What one peer can cost is bounded, so no peer stops the agent for others:
   backpressure instead of a growing queue);
 - at most ``FLUSH_AT`` bytes of answers are built before they are sent, and a
   send that cannot proceed stops that connection's reading;
+- pipelined requests answered inline yield to the other connections every
+  ``INLINE_SLICE`` (a 64 KiB chunk may hold a thousand of them);
 - a peer that does not read its answers within the idle timeout, or sends
   nothing for that long while nothing runs for it, is closed with its tasks;
 - an exception in one connection closes that connection (logged once); the
@@ -30,6 +32,7 @@ from typing import Final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.abc import SocketAttribute, TaskStatus
 from homeagent_secrets.protocol.errors import TooManyConnectionsError
 from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME
@@ -50,6 +53,9 @@ log = logging.getLogger(__name__)
 
 #: Answers are sent once this many bytes are waiting (and at the end of each chunk).
 FLUSH_AT: Final = 256 * 1024
+#: The longest the reader works through one received chunk (up to ~1,000 pipelined
+#: requests) before letting the other connections run.
+INLINE_SLICE: Final = 0.005
 #: Seconds between accepts while the process is out of file descriptors.
 ACCEPT_RETRY: Final = 0.1
 _OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -301,6 +307,7 @@ class _Connection:
                     lines = self.proto.frames(data)
                     sensitive = self.proto.pending > 0  # a message cut in two may be an unlock
                     self.inline = True
+                    slice_end = time.monotonic() + INLINE_SLICE
                     try:
                         for line in lines:
                             msg = self.proto.parse(line)
@@ -336,6 +343,9 @@ class _Connection:
                             if len(out) >= FLUSH_AT:
                                 await self.send(out)
                                 out.clear()
+                            if time.monotonic() > slice_end:
+                                await anyio.lowlevel.checkpoint()
+                                slice_end = time.monotonic() + INLINE_SLICE
                     finally:
                         self.inline = False
                         # Idleness counts from the end of the work, not from the
