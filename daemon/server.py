@@ -305,7 +305,8 @@ class _Connection:
                     self.last_active = time.monotonic()
                     out = bytearray()
                     lines = self.proto.frames(data)
-                    sensitive = self.proto.pending > 0  # a message cut in two may be an unlock
+                    # A message cut in two (or cut off) may be an unlock.
+                    sensitive = self.proto.pending > 0 or self.proto.oversize
                     self.inline = True
                     slice_end = time.monotonic() + INLINE_SLICE
                     try:
@@ -353,8 +354,7 @@ class _Connection:
                         self.last_active = time.monotonic()
                         if sensitive:  # the passphrase is decoded: its raw bytes go now
                             wipe_bytes(data)
-                            wipe_bytes(self.proto.joined)
-                            for line in lines:
+                            for line in (*lines, *self.proto.spent):
                                 wipe_bytes(line)
                     if self.proto.oversize:
                         self.proto.oversize_error(out)

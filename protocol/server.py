@@ -362,7 +362,7 @@ class ServerProtocol:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_batch: int = MAX_BATCH) -> None:
         self.max_frame = max_frame
         self.max_batch = max_batch
-        self._splitter = FrameSplitter(max_frame, keep_joined=True)
+        self._splitter = FrameSplitter(max_frame, keep_spent=True)
 
     @property
     def pending(self) -> int:
@@ -374,10 +374,10 @@ class ServerProtocol:
         return self._splitter.oversize
 
     @property
-    def joined(self) -> bytes | None:
-        """The buffer the last ``frames`` built from a held partial message and new
-        data (its lines are cut from it): wipe it with them when sensitive."""
-        return self._splitter.joined
+    def spent(self) -> list[bytes]:
+        """Buffers the last ``frames`` made besides its lines (``FrameSplitter.spent``):
+        wipe them with the lines when sensitive."""
+        return self._splitter.spent
 
     def receive_data(self, data: bytes) -> list[Incoming]:
         """Feed received bytes; return the messages they completed, parsed."""
