@@ -1030,6 +1030,20 @@ def test_no_copy_of_the_passphrase_survives_unlock_and_lock(daemon_factory, labe
     s.sendall(batch_line([rpc_line(2, "status"), rpc_line(3, "unlock", passphrase=canary)]))
     assert len(json.loads(read_line(s))) == 2
     check("inside a batch")
+    s.sendall(rpc_line(8, "status") + request[:-1] + b"\r\n" + request[:cut])  # CRLF; a next one begun
+    assert "result" in json.loads(read_line(s))
+    assert json.loads(read_line(s))["result"] == {"locked": False}
+    s.sendall(request[cut:])
+    assert json.loads(read_line(s))["result"] == {"locked": False}
+    check("raw socket, CRLF line end, a message begun in the same chunk")
+    big = raw_connect(d.socket)
+    try:  # over the frame limit: refused and closed, the passphrase in the part it read
+        big.sendall(request[:-2] + b" " * (1 << 20) + b"}\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert json.loads(read_line(big))["error"]["code"] == -32600
+    big.close()
+    check("an oversize unlock")
     s.sendall(rpc_line(4, "unlock", passphrase=canary + "-wrong"))
     assert json.loads(read_line(s))["error"]["code"] == -32003
     check("a wrong passphrase")
