@@ -445,7 +445,8 @@ def test_pipelined_requests_answered_inline_let_other_connections_run(  # type: 
         lat.append(time.perf_counter() - t)
     print(f"\n[6] 2 peers pipelining 64 KiB chunks of ~960 list calls each: other client "
           f"{len(lat)} calls, p50 {ms(pct(lat, 0.5))}, p99 {ms(pct(lat, 0.99))}, max {ms(max(lat))}")
-    assert pct(lat, 0.99) < 0.1 and max(lat) < 0.3
+    # without the yield: p50 ~590 ms, max ~1.5 s; with it p50 ~11 ms, max 26-132 ms on 2 vCPUs
+    assert pct(lat, 0.5) < 0.05 and max(lat) < 0.5
 
 
 # --- 7 and 8. stuck peers are reaped; working ones are not -------------------------------------
