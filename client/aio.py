@@ -55,6 +55,7 @@ class _Connection:
         self.send_lock = anyio.Lock()
         self.open = True
         self.error: SecretsError | None = None  # an id-null error that closed it
+        self.ended = anyio.Event()  # the reader is done: ``error`` is final
 
     def fail_all(self) -> None:
         self.open = False
@@ -164,10 +165,16 @@ class AsyncSecretsClient:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        await self.aclose()
         assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(et, e, tb)
+        try:
+            await self.aclose()
+        finally:
+            self._tg.cancel_scope.cancel()
+            # The task group holds only this client's reader; the caller's own
+            # exception is not handed to it, so it propagates as itself (a
+            # LockedError stays a LockedError, not an ExceptionGroup around one).
+            await self._tg.__aexit__(None, None, None)
+        return None
 
     async def aclose(self) -> None:
         if self.cache is not None:
@@ -216,6 +223,7 @@ class AsyncSecretsClient:
             conn.error = exc
         finally:
             conn.fail_all()
+            conn.ended.set()
             if self._conn is conn:
                 self._conn = None
 
@@ -233,6 +241,12 @@ class AsyncSecretsClient:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 conn.waiters.pop(id_, None)
                 conn.fail_all()
+                # The agent may have refused the connection (id-null error) and closed
+                # it before this send: the reader still has that line to read.
+                with anyio.move_on_after(self.connect_timeout):
+                    await conn.ended.wait()
+                if conn.error is not None:
+                    raise conn.error from None
                 if attempt == 0 and connect.may_resend(method, sent=False):
                     continue  # nothing reached the daemon: safe to send again
                 raise connect.unreachable(self.socket_path, "the connection closed") from None
@@ -247,6 +261,8 @@ class AsyncSecretsClient:
                 ) from None
             reply = waiter.reply
             if reply is None:
+                with anyio.move_on_after(self.connect_timeout):
+                    await conn.ended.wait()  # another call's failed send may have woken this one
                 if conn.error is not None:
                     raise conn.error
                 if attempt == 0 and connect.may_resend(method, sent=True):

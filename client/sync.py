@@ -98,6 +98,7 @@ class SecretsClient:
         try:
             sock.sendall(line)
         except OSError:
+            self._raise_refusal(sock)
             raise _Dropped(False) from None  # nothing reached the daemon
         deadline = time.monotonic() + timeout
         got: dict[int, Reply] = {}
@@ -120,6 +121,17 @@ class SecretsClient:
                 if isinstance(reply.id, int) and reply.id in ids:
                     got[reply.id] = reply
         return got
+
+    def _raise_refusal(self, sock: socket.socket) -> None:
+        """Raise the id-null error the agent sent before closing, if it did (the
+        connection cap refuses and closes at once: a send after that fails)."""
+        try:
+            while data := sock.recv(65536, socket.MSG_DONTWAIT):
+                for reply in self._proto.receive_data(data):
+                    if reply.id is None and reply.error is not None:
+                        raise reply.error
+        except OSError:
+            pass
 
     def _send(self, methods: list[Method[Any, Any]], params: list[Params],
               timeout: float | None) -> list[Reply]:

@@ -12,6 +12,8 @@ What one peer can cost is bounded, so no peer stops the agent for others:
   backpressure instead of a growing queue);
 - at most ``FLUSH_AT`` bytes of answers are built before they are sent, and a
   send that cannot proceed stops that connection's reading;
+- pipelined requests answered inline yield to the other connections every
+  ``INLINE_SLICE`` (a 64 KiB chunk may hold a thousand of them);
 - a peer that does not read its answers within the idle timeout, or sends
   nothing for that long while nothing runs for it, is closed with its tasks;
 - an exception in one connection closes that connection (logged once); the
@@ -20,6 +22,7 @@ What one peer can cost is bounded, so no peer stops the agent for others:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -29,12 +32,12 @@ from typing import Final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.abc import SocketAttribute, TaskStatus
 
 from homeagent_secrets.protocol.errors import TooManyConnectionsError
-from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME
+from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME, MAX_BATCH
 from homeagent_secrets.protocol.server import (
-    MAX_BATCH,
     Batch,
     Call,
     ServerProtocol,
@@ -51,6 +54,17 @@ log = logging.getLogger(__name__)
 
 #: Answers are sent once this many bytes are waiting (and at the end of each chunk).
 FLUSH_AT: Final = 256 * 1024
+#: The longest the reader works through one received chunk (up to ~1,000 pipelined
+#: requests) before letting the other connections run.
+INLINE_SLICE: Final = 0.005
+#: Seconds between accepts while the process is out of file descriptors.
+ACCEPT_RETRY: Final = 0.1
+_OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in _OUT_OF_DESCRIPTORS
 
 
 @dataclass
@@ -92,8 +106,25 @@ class Server:
             with anyio.CancelScope() as self._accept_scope:
                 task_status.started()
                 async with listener:
+                    starved = False
                     while True:
-                        stream = await listener.accept()
+                        try:
+                            stream = await listener.accept()
+                        except anyio.BrokenResourceError as exc:
+                            if not _out_of_descriptors(exc):
+                                raise
+                            # Peers hold every descriptor the process may open: the
+                            # next accept fails the same way until one closes. Wait,
+                            # never end serving for everyone (trio's serve_listeners).
+                            if not starved:
+                                log.error("cannot accept connections: %s (%d open); "
+                                          "retrying until one closes (raise LimitNOFILE or "
+                                          "lower max_connections)", exc.__cause__,
+                                          self.connections)
+                            starved = True
+                            await anyio.sleep(ACCEPT_RETRY)
+                            continue
+                        starved = False
                         conns.start_soon(self._handle, stream)
             # Accepting stopped: every connection finishes what it has received
             # (and reads no more), within a deadline; then the rest is cancelled.
@@ -247,7 +278,9 @@ class _Connection:
         except OSError:
             self.gone = True  # the peer went away; its writes still completed
         finally:
-            self.send_blocked_since = None
+            if self.send_blocked_since is not None:
+                self.send_blocked_since = None
+                self.last_active = time.monotonic()  # the peer read: it is not idle
             view.release()
 
     async def send(self, data: bytes | bytearray) -> None:
@@ -344,8 +377,10 @@ class _Connection:
             self.last_active = time.monotonic()
             out = bytearray()
             lines = self.proto.frames(data)
-            sensitive = self.proto.pending > 0  # a message cut in two may be an unlock
+            # A message cut in two (or cut off) may be an unlock.
+            sensitive = self.proto.pending > 0 or self.proto.oversize
             self.inline = True
+            slice_end = time.monotonic() + INLINE_SLICE
             try:
                 for line in lines:
                     msg = self.proto.parse(line)
@@ -362,7 +397,7 @@ class _Connection:
                         elif not (method.nowait and dispatcher.answer_now(msg, peer, out)):
                             await dispatcher.answer(msg, peer, out)
                     elif isinstance(msg, Batch):
-                        if msg.carries_passphrase:
+                        if msg.carries_passphrase or msg.refuses_any:
                             sensitive = True
                             for raw in msg.raws:
                                 wipe_bytes(raw)
@@ -374,20 +409,30 @@ class _Connection:
                                 out.clear()
                             async with self.send_lock:
                                 await self._batch(msg, out)
-                    elif msg.answered:
-                        reject(msg.id, msg.error, out)
+                    else:
+                        # A refused message may hold a passphrase it failed to deliver
+                        # (a bad new one beside the real old one, a repeated key).
+                        sensitive = True
+                        if msg.answered:
+                            reject(msg.id, msg.error, out)
                     if len(out) >= FLUSH_AT:
                         await self.send(out)
                         out.clear()
+                    if time.monotonic() > slice_end:  # let other peers in between requests
+                        await anyio.lowlevel.checkpoint()
+                        slice_end = time.monotonic() + INLINE_SLICE
                 if self.proto.oversize:
                     self.proto.oversize_error(out)
                 if out:
                     await self.send(out)
             finally:
                 self.inline = False
+                # Idleness counts from the end of the work, not from the
+                # bytes that asked for it (a long batch is not idleness).
+                self.last_active = time.monotonic()
                 if sensitive:  # the passphrase is decoded: its raw bytes go now
                     wipe_bytes(data)
-                    for line in lines:
+                    for line in (*lines, *self.proto.spent):
                         wipe_bytes(line)
             if self.proto.oversize:
                 break

@@ -110,6 +110,19 @@ def text_problem(secret: Secret) -> str | None:
     return None
 
 
+def utf8_size(text: str) -> int | None:
+    """Bytes of ``text`` in UTF-8 (None: it holds a lone surrogate), counted without
+    encoding it: an encoded copy of a passphrase would stay in the heap unwiped."""
+    if text.isascii():
+        return len(text)
+    size = 0
+    for code in map(ord, text):
+        if 0xD800 <= code <= 0xDFFF:
+            return None
+        size += 1 if code < 0x80 else 2 if code < 0x800 else 3 if code < 0x10000 else 4
+    return size
+
+
 def passphrase_problem(passphrase: Secret, new: bool) -> str | None:
     """Why ``passphrase`` is refused, or None.
 
@@ -122,9 +135,8 @@ def passphrase_problem(passphrase: Secret, new: bool) -> str | None:
     text = passphrase.reveal()
     if not text:
         return "must not be empty"
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
+    size = utf8_size(text)
+    if size is None:
         return "must be valid Unicode text (no lone surrogates)"
     if size > MAX_PASSPHRASE_BYTES:
         return f"is {size} bytes long; the limit is {MAX_PASSPHRASE_BYTES} bytes of UTF-8"

@@ -82,6 +82,11 @@ class Batch:
     def carries_passphrase(self) -> bool:
         return any(isinstance(i, Call) and i.method.carries_passphrase for i in self.items)
 
+    @property
+    def refuses_any(self) -> bool:
+        """Whether an item was refused (it may have held a passphrase it failed to deliver)."""
+        return any(isinstance(i, Rejected) for i in self.items)
+
 
 Incoming = Call | Rejected | Batch
 
@@ -217,7 +222,9 @@ def _bad_envelope(raw: bytes) -> Rejected:
 
 
 def _decode_params(method: Method[Any, Any], raw: msgspec.Raw) -> Params:
-    if len(raw) == 0 or bytes(raw).strip() == b"null":
+    # Only a short Raw is copied to compare: a copy of params that hold a
+    # passphrase would stay in the heap unwiped.
+    if len(raw) == 0 or (len(raw) <= 16 and bytes(raw).strip() == b"null"):
         raw = msgspec.Raw(b"{}")
     try:
         params: Params = _params_decoders[method.name].decode(raw)
@@ -357,7 +364,7 @@ class ServerProtocol:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_batch: int = MAX_BATCH) -> None:
         self.max_frame = max_frame
         self.max_batch = max_batch
-        self._splitter = FrameSplitter(max_frame)
+        self._splitter = FrameSplitter(max_frame, keep_spent=True)
 
     @property
     def pending(self) -> int:
@@ -367,6 +374,12 @@ class ServerProtocol:
     @property
     def oversize(self) -> bool:
         return self._splitter.oversize
+
+    @property
+    def spent(self) -> list[bytes]:
+        """Buffers the last ``frames`` made besides its lines (``FrameSplitter.spent``):
+        wipe them with the lines when sensitive."""
+        return self._splitter.spent
 
     def receive_data(self, data: bytes) -> list[Incoming]:
         """Feed received bytes; return the messages they completed, parsed."""

@@ -81,7 +81,7 @@ class Daemon:
     stops whatever is still running when its test ends, pass or fail.
     """
 
-    live: ClassVar[set[Daemon]] = set()
+    live: ClassVar[dict[int, Daemon]] = {}  # by id(): subclasses may be unhashable dataclasses
 
     home: Path
     socket: Path
@@ -102,12 +102,9 @@ class Daemon:
         env = {**os.environ, **self.env}
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=self._logf, env=env)
-        Daemon.live.add(self)
+        Daemon.live[id(self)] = self
         wait_for_socket(self.socket, self.proc)
         return self
-
-    def __hash__(self) -> int:
-        return id(self)
 
     def kill(self) -> None:
         """Stop it at once (teardown): SIGKILL, reap, close the log."""
@@ -116,7 +113,7 @@ class Daemon:
             self.proc.wait()
         if getattr(self, "_logf", None) is not None and not self._logf.closed:
             self._logf.close()
-        Daemon.live.discard(self)
+        Daemon.live.pop(id(self), None)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         assert self.proc is not None
@@ -124,7 +121,7 @@ class Daemon:
             self.proc.send_signal(sig)
         rc = self.proc.wait(timeout)
         self._logf.close()
-        Daemon.live.discard(self)
+        Daemon.live.pop(id(self), None)
         return rc
 
     def restart(self) -> Daemon:
@@ -168,7 +165,7 @@ def daemon_factory(short_tmp: Path) -> Iterator[object]:
 def _stop_daemons() -> Iterator[None]:
     """Stop every daemon a test started, however it made it, pass or fail."""
     yield
-    for d in list(Daemon.live):
+    for d in list(Daemon.live.values()):
         d.kill()
 
 

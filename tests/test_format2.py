@@ -250,7 +250,7 @@ async def test_clear_header_carries_no_version_count(tmp_path: Path) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("log2n, r, p, problem", [
     (23, 8, 1, "outside"), (9, 8, 1, "outside"), (22, 32, 16, "MiB"), (22, 8, 2, "work"),
-    (20, 8, 5, "work"), (17, 0, 1, "MiB"),
+    (20, 8, 5, "work"), (17, 0, 1, "not valid scrypt"), (17, 1, 1, "not valid scrypt"),
 ])
 async def test_kdf_parameters_beyond_the_bounds_are_refused_before_deriving(
         tmp_path: Path, log2n: int, r: int, p: int, problem: str) -> None:

@@ -82,7 +82,13 @@ class KdfParams:
                 f"scrypt N=2^{self.log2_n} is outside 2^{MIN_LOG2_N}..2^{MAX_LOG2_N}: "
                 "the wrapped-key file is damaged or not ours"
             )
-        if self.r < 1 or self.p < 1 or self.memory > MAX_KDF_MEMORY or self.work > MAX_KDF_WORK:
+        if self.r < 1 or self.p < 1 or self.log2_n >= 16 * self.r:
+            # scrypt needs N < 2^(16·r); OpenSSL refuses the rest with a MemoryError.
+            raise CorruptRecordError(
+                f"scrypt N=2^{self.log2_n} r={self.r} p={self.p} is not valid scrypt (N must be "
+                "below 2^(16·r), r and p at least 1): the wrapped-key file is damaged or not ours"
+            )
+        if self.memory > MAX_KDF_MEMORY or self.work > MAX_KDF_WORK:
             raise CorruptRecordError(
                 f"scrypt N=2^{self.log2_n} r={self.r} p={self.p} asks for {self.memory >> 20} MiB "
                 f"and {self.work} units of work; this agent computes at most "

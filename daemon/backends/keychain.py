@@ -71,8 +71,20 @@ def _parse_state(text: str) -> tuple[_State, str | None, dict[str, Any] | None]:
     return st, d.get("p"), d.get("undo")
 
 
+def _parse_index(text: str | None) -> list[str] | None:
+    """The names in an ``#index`` entry (its strings: another tool may have added
+    other things); None when it is not a JSON list at all: the caller rebuilds it."""
+    try:
+        names = json.loads(text or "[]")
+    except ValueError:
+        return None
+    if not isinstance(names, list):
+        return None
+    return [n for n in names if isinstance(n, str)]
+
+
 def _index_names(store: Store) -> set[str]:
-    return set(json.loads(store.get(INDEX) or "[]"))
+    return set(_parse_index(store.get(INDEX)) or ())
 
 
 class KeychainBackend(ThreadedBackend):
@@ -150,8 +162,11 @@ class KeychainBackend(ThreadedBackend):
 
     def _reconcile(self, store: Store) -> dict[str, _State]:
         """Load the index and repair what an interrupted change left behind."""
-        raw = store.get(INDEX)
-        listed: list[str] = json.loads(raw) if raw else []
+        listed = _parse_index(store.get(INDEX))
+        if listed is None:
+            log.warning("the keychain entry %s under service homeagent is not a list of names; "
+                        "rebuilt from the entries", INDEX)
+            listed = []
         names = set(listed)
         if store.enumerable:
             for account in store.accounts():
@@ -191,7 +206,19 @@ class KeychainBackend(ThreadedBackend):
             st = _State(1, DEFAULT_KIND, now, now, 0, _sha(current), False)
             store.set(STATE_PREFIX + name, _state_doc(st, None))
             return st
-        st, previous, undo = _parse_state(state_text)
+        try:
+            st, previous, undo = _parse_state(state_text)
+            if undo is not None and not isinstance(undo, dict):
+                raise TypeError("undo")
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # Not a state this agent wrote (another tool, or damage): adopt the value
+            # as version 1 instead of failing every request of every name.
+            log.warning("the state entry of %r under service homeagent is unreadable; its "
+                        "value is adopted as version 1 (the previous value is lost)", name)
+            now = self._clock()
+            st = _State(1, DEFAULT_KIND, now, now, 0, _sha(current), False)
+            store.set(STATE_PREFIX + name, _state_doc(st, None))
+            return st
         if st.sha != _sha(current):
             if undo is not None and undo.get("h") == _sha(current):
                 # A change stopped before its new value was written: roll back.

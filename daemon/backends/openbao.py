@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from homeagent_secrets.protocol.errors import SecretsError
 from homeagent_secrets.protocol.messages import DescribeResult, SecretResult
-from homeagent_secrets.protocol.names import DEFAULT_KIND, as_kind
+from homeagent_secrets.protocol.names import DEFAULT_KIND, as_kind, name_problem
 from homeagent_secrets.protocol.secret import Secret
 
 from ..settings import OpenBaoOptions
@@ -60,6 +60,7 @@ class OpenBaoBackend(ThreadedBackend):
         super().__init__()
         self.s = settings
         self.client = OpenBaoClient(settings)
+        self._skipped: set[str] = set()  # invalid names seen under the prefix, logged once
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         return self.client.call(what, lambda c: fn(c, *args))
@@ -191,7 +192,15 @@ class OpenBaoBackend(ThreadedBackend):
                         if full.startswith(prefix) or prefix.startswith(full):
                             folders.append(full)
                     elif full.startswith(prefix):
-                        names.append(full)
+                        if name_problem(full) is None:
+                            names.append(full)
+                        elif full not in self._skipped:
+                            # Written by another client of the server: no request could
+                            # name it (nor `secretsctl rm` remove it); left alone.
+                            self._skipped.add(full)
+                            log.warning("OpenBao key %s under %s is not a valid secret name; "
+                                        "ignored (rename or remove it with `bao kv`)",
+                                        ascii(full)[:80], self.s.openbao_prefix)
             return sorted(names)
 
         return await self._run("list secrets", walk)
