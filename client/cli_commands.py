@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Final, cast
 
 import msgspec
+
 from homeagent_secrets.protocol.errors import (
     AgentUnreachableError,
     CorruptRecordError,

@@ -23,10 +23,10 @@ import anyio.lowlevel
 from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import (
     InvalidParams,
-    SecretsError,
     MigrationInProgressError,
     NotSupportedError,
     PermissionDeniedError,
+    SecretsError,
     ValueTooLargeError,
 )
 from homeagent_secrets.protocol.messages import (
@@ -59,15 +59,15 @@ from homeagent_secrets.protocol.messages import (
 from homeagent_secrets.protocol.secret import Secret
 from homeagent_secrets.protocol.server import Call
 
+from .audit import AuditLog
 from .backends.base import PENDING, Backend, _Pending
 from .faults import fault_delay
-from .audit import AuditLog
 from .guard import PassphraseGuard
 from .migration import Migrator
 from .peer import SELF, Peer
 from .policy import Policy, Rights
-from .watch import Hub
 from .settings import DEFAULT_MAX_VALUE
+from .watch import Hub
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from . import settings as settings_mod
 from .agent import Agent
 from .audit import AuditLog, under_systemd
 from .backends.base import Backend
+from .credentials import CredentialServer
 from .dispatch import Dispatcher
 from .hardening import harden_process
 from .homelock import HomeLock
 from .listener import BoundSocket, bind_unix, inherited_sockets
 from .logsetup import setup_logging
-from .credentials import CredentialServer
 from .migration import Migrator
 from .peer import SELF
 from .sdnotify import Notifier

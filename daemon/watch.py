@@ -25,7 +25,7 @@ from typing import Final, Protocol
 import anyio
 
 from homeagent_secrets.protocol.errors import SecretsError
-from homeagent_secrets.protocol.messages import ChangeEvent, Changed
+from homeagent_secrets.protocol.messages import Changed, ChangeEvent
 from homeagent_secrets.protocol.names import glob_regex
 from homeagent_secrets.protocol.rpc import encode_notification
 

@@ -28,7 +28,6 @@ from .rpc import Id, encode_error_into, encode_result_into
 from .secret import dec_hook
 
 
-
 class Call:
     """A well-formed request: its method row, typed params and id (UNSET: a notification)."""
 

@@ -21,6 +21,7 @@ Run on its own:  python -m tests.crash_harness --kills 2000
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import shutil
 import signal
@@ -128,13 +129,13 @@ def _client_loop(sock: Path, model: Model, names: list[str], rng: random.Random,
         op = rng.random()
         if st.current is None or op < 0.35:
             after = NameState(value, st.current)
-            call = (lambda: c.store(name, value))
+            call = functools.partial(c.store, name, value)
         elif op < 0.85:
             after = NameState(value, st.current)
-            call = (lambda: c.rotate(name, value))
+            call = functools.partial(c.rotate, name, value)
         else:
             after = NameState(None, None)
-            call = (lambda: c.delete(name))
+            call = functools.partial(c.delete, name)
         model.maybe[name] = after
         try:
             call()

@@ -237,7 +237,7 @@ def test_sighup_reloads_rules_and_keeps_the_old_ones_when_the_new_are_bad(
     assert as_user(crowd.other, d.socket, [("get", ["llm/openai"])], groups=[crowd.gid]) == [{"ok": "sk-openai"}]
 
 
-@pytest.mark.parametrize("text, words", [
+@pytest.mark.parametrize(("text", "words"), [
     ('[[rule]]\nuser = "root"\nnames = ["a"]\nallow = ["read", "fly"]\n', "allow[1]"),
     ('[[rule]]\nuser = "root"\nnames = ["a"]\nallow = ["read"]\ncolour = "red"\n', "unknown field"),
     ('[[rule]]\nnames = ["a"]\nallow = ["read"]\n', "say whom it is for"),
@@ -257,7 +257,7 @@ def test_a_bad_rules_file_refuses_the_start_in_one_line(short_tmp: Path, text: s
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("pattern, yes, no", [
+@pytest.mark.parametrize(("pattern", "yes", "no"), [
     ("provider/hue/*", ["provider/hue/token"], ["provider/hue", "provider/hue/a/b", "provider/huex/t"]),
     ("provider/**", ["provider", "provider/a", "provider/a/b/c"], ["providers/a", "llm/provider"]),
     ("**/token", ["token", "a/token", "a/b/token"], ["a/token2", "tokens"]),
@@ -292,7 +292,7 @@ def test_without_rules_other_uids_are_refused_at_connect(short_tmp: Path, crowd:
 
 
 def test_secretsctl_whoami_and_audit(guarded: tuple[Daemon, Crowd, Path, Path]) -> None:
-    d, crowd, _, audit = guarded
+    d, crowd, _, _audit = guarded
     as_user(crowd.hue, d.socket, [("get", ["provider/hue/token"]), ("get", ["llm/openai"])],
             groups=[crowd.gid])
     who = d.ctl("whoami")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+
 from homeagent_secrets.daemon.backends.base import Backend
 from homeagent_secrets.protocol.errors import NotFoundError
 from homeagent_secrets.protocol.secret import Secret

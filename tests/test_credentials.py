@@ -115,7 +115,7 @@ def test_a_dynamic_user_unit_reads_exactly_the_stored_bytes(machine: container.C
     assert "delivered credential 'hue_token' to hue-bridge.service" in agent_log(machine)
 
 
-@pytest.mark.parametrize("cred, why", [
+@pytest.mark.parametrize(("cred", "why"), [
     ("unmapped", "no [[credential]] in the rules maps it"),
     ("gone", "that secret does not exist"),
 ])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+
 from homeagent_secrets.client import (
     AgentUnreachableError,
     AsyncSecretsClient,
@@ -23,7 +24,7 @@ from homeagent_secrets.client import (
     ValueTooLargeError,
     WrongPassphraseError,
 )
-from homeagent_secrets.protocol.errors import AlreadyInitializedError
+from homeagent_secrets.protocol.errors import AlreadyInitializedError, InvalidParams
 
 from .conftest import PASSPHRASE, Daemon, run_as
 
@@ -351,7 +352,7 @@ def test_no_secret_reaches_the_debug_log(unlocked: Daemon) -> None:
         c.change_passphrase(PASSPHRASE, canary_p)
         with pytest.raises(WrongPassphraseError):
             c.change_passphrase("CANARY-wrong-1", "CANARY-wrong-2")
-        with pytest.raises(Exception):
+        with pytest.raises(InvalidParams):
             c.store("../bad", canary_v)
     unlocked.stop()
     text = unlocked.log_text()

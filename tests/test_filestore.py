@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
 from homeagent_secrets.daemon.backends import datakey, records
 from homeagent_secrets.daemon.backends.datakey import KdfParams
 from homeagent_secrets.daemon.backends.files import WRAPPED_KEY_FILE, FileBackend
@@ -87,7 +88,7 @@ async def test_no_plaintext_name_or_value_anywhere_on_disk(tmp_path: Path) -> No
     b = await make(tmp_path)
     names = ["provider/hue-bridge-token", "llm/anthropic-key"]
     values = ["VALUE-canary-7f3a9", "sk-ant-CANARY-0042"]
-    for n, v in zip(names, values):
+    for n, v in zip(names, values, strict=False):
         await b.store(n, Secret(v), "llm")
         await b.rotate(n, Secret(v + "-rotated"))
     await b.change_passphrase(PW, Secret("PASSPHRASE-canary-new"))
@@ -245,7 +246,7 @@ async def test_old_version_put_back_while_running_is_detected(tmp_path: Path) ->
     path.write_bytes(old)
     entry = b._index["r"]
     object.__setattr__(entry, "sealed", None)  # force a read from disk, as for a large record
-    with pytest.raises(CorruptRecordError, match="generation .* replaced behind"):
+    with pytest.raises(CorruptRecordError, match=r"generation .* replaced behind"):
         await b.retrieve("r")
 
 

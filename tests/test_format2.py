@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from homeagent_secrets.client import SecretsClient
 from homeagent_secrets.daemon.backends import datakey, manifest, records
 from homeagent_secrets.daemon.backends.datakey import DataKey, KdfParams
@@ -248,7 +249,7 @@ async def test_clear_header_carries_no_version_count(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("log2n, r, p, problem", [
+@pytest.mark.parametrize(("log2n", "r", "p", "problem"), [
     (23, 8, 1, "outside"), (9, 8, 1, "outside"), (22, 32, 16, "MiB"), (22, 8, 2, "work"),
     (20, 8, 5, "work"), (17, 0, 1, "not valid scrypt"), (17, 1, 1, "not valid scrypt"),
 ])
@@ -460,7 +461,7 @@ WRITE_CRASH_POINTS = [("write-manifest-pending", "old"), ("write-record", "new")
                       ("delete-unlinked", "gone")]
 
 
-@pytest.mark.parametrize("point, outcome", WRITE_CRASH_POINTS)
+@pytest.mark.parametrize(("point", "outcome"), WRITE_CRASH_POINTS)
 def test_kill_at_each_write_step_leaves_a_recognized_state(point: str, outcome: str,
                                                            short_tmp: Path) -> None:
     home, sock, log = short_tmp / "home", short_tmp / "s.sock", short_tmp / "d.log"
@@ -519,7 +520,7 @@ def format1_code(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     require_real(ok, f"git and commit {FORMAT1_COMMIT} (the format-1 agent) in this clone's history")
     subprocess.run(["tar", "-x", "-C", str(pkg)], input=archive.stdout, check=True)
     (pkg / "__init__.py").write_text("")
-    yield root
+    return root
 
 
 def format1_daemon(code: Path, home: Path, sock: Path, log: Path) -> Daemon:

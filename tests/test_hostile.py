@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 import pytest
+
 from homeagent_secrets.client import AsyncSecretsClient, SecretsClient
 from homeagent_secrets.protocol.errors import (
     BackendUnavailableError,
@@ -553,7 +554,7 @@ def _with_kdf(blob: bytes, log2_n: int, r: int, p: int) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.parametrize("log2_n,r,p,why", [
+@pytest.mark.parametrize(("log2_n", "r", "p", "why"), [
     (22, 32, 16, "16 GiB"),
     (22, 9, 1, "memory over 4 GiB"),
     (20, 8, 5, "work over N=2^22 r=8 p=1"),
@@ -564,7 +565,8 @@ def _with_kdf(blob: bytes, log2_n: int, r: int, p: int) -> bytes:
     (23, 8, 1, "N over 2^22"),
     (255, 255, 255, "every byte at its maximum"),
 ])
-def test_hostile_scrypt_header_is_refused_before_deriving(daemon_factory, log2_n: int, r: int, p: int, why: str) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_scrypt_header_is_refused_before_deriving(daemon_factory: Callable[..., Daemon], log2_n: int,
+                                                          r: int, p: int, why: str) -> None:
     d: Daemon = daemon_factory()
     c = SecretsClient(d.socket)
     c.init(PASSPHRASE)
@@ -724,7 +726,8 @@ def _secretsd_exit(sock: Path, home: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("kind", ["owned by another uid", "mode 0777", "mode 0770", "/tmp itself (1777)"])
-def test_a_socket_directory_others_control_is_refused(short_tmp: Path, throwaway_user: tuple[int, int], kind: str) -> None:
+def test_a_socket_directory_others_control_is_refused(short_tmp: Path, throwaway_user: tuple[int, int],
+                                                      kind: str) -> None:
     uid, gid = throwaway_user
     directory = short_tmp / "sockdir"
     if kind == "/tmp itself (1777)":
@@ -794,7 +797,7 @@ def test_the_uid_root_made_a_directory_for_is_trusted(short_tmp: Path, throwaway
     home.mkdir(mode=0o700)
     os.chown(home, uid, gid)
     sock = run / "homeagent" / "secretsd.sock"
-    args = [a for a in Daemon.command(home, sock)[3:]] + ["--backend", "file"]
+    args = [*Daemon.command(home, sock)[3:], "--backend", "file"]
     log = open(short_tmp / "svc.log", "wb")
     p = subprocess.Popen([sys.executable, "-c", _AS_USER, str(uid), str(gid), *args], stdout=log, stderr=log)
     spawned.append(p)
@@ -1089,7 +1092,7 @@ def test_the_connection_cap_error_reaches_both_clients_as_its_class(daemon_facto
     def record(exc: SecretsError) -> None:
         tally[f"{type(exc).__name__} {exc.code}" + (" cap" if "connections open" in exc.message else "")] += 1
 
-    for i in range(100):
+    for _i in range(100):
         for call in (lambda cl: cl.get("k"), lambda cl: cl.store("k", "w")):
             cl = SecretsClient(d.socket)
             try:

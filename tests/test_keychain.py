@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from homeagent_secrets.client import SecretsClient
 from homeagent_secrets.daemon.backends.keychain import INDEX, STATE_PREFIX, KeychainBackend
 from homeagent_secrets.daemon.backends.keychain_store import SecretServiceStore, Store
@@ -148,7 +149,7 @@ async def test_a_failure_at_any_step_loses_nothing_and_list_is_right_after_resta
     for fail_at in range(1, 30):
         _wipe(cleaner)
         store = FailingStore(fail_at)
-        b = KeychainBackend(lambda: store)
+        b = KeychainBackend(lambda s=store: s)  # type: ignore[misc]
         await b.open()
         model: dict[str, tuple[str, str | None]] = {}  # acknowledged: name -> (current, previous)
         in_flight = None

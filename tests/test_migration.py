@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from homeagent_secrets.client import (
     AgentUnreachableError,
     BackendUnavailableError,

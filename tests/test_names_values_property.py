@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import anyio
-from homeagent_secrets.protocol.names import name_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from homeagent_secrets.protocol.names import name_problem
 
 from .memory import MemoryPair
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from homeagent_secrets.protocol import errors
-from homeagent_secrets.protocol.framing import FrameSplitter
 from homeagent_secrets.protocol import messages as m
+from homeagent_secrets.protocol.framing import FrameSplitter
 from homeagent_secrets.protocol.messages import (
     DeleteParams,
     NameParams,
@@ -112,7 +113,7 @@ async def test_spec_empty_batch_is_one_invalid_request(pair: MemoryPair) -> None
     assert isinstance(got, dict) and got["error"]["code"] == -32600
 
 
-@pytest.mark.parametrize("batch, n", [("[1]", 1), ("[1,2,3]", 3)])
+@pytest.mark.parametrize(('batch', 'n'), [("[1]", 1), ("[1,2,3]", 3)])
 async def test_spec_invalid_batch_items_each_answered(pair: MemoryPair, batch: str, n: int) -> None:
     got = await answer(pair, batch)
     assert isinstance(got, list) and len(got) == n
@@ -149,7 +150,7 @@ async def test_spec_batch_of_notifications_gets_no_reply(pair: MemoryPair) -> No
 # --- our own rules --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("line, code", [
+@pytest.mark.parametrize(('line', 'code'), [
     (b'{"jsonrpc":"1.0","method":"status","id":1}', -32600),
     (b'{"jsonrpc":"2.0","method":"status","id":1.5}', -32600),
     (b'{"jsonrpc":"2.0","method":"status","id":[1]}', -32600),
@@ -227,7 +228,7 @@ def test_client_decodes_pipelined_and_batched_replies() -> None:
 def test_secret_type_is_redacted_everywhere() -> None:
     s = Secret("hunter2")
     p = StoreParams("a", s)
-    for text in (repr(s), str(s), f"{s}", repr(p), str([p]), "%s %r" % (s, s)):
+    for text in (repr(s), str(s), f"{s}", repr(p), str([p]), "%s %r" % (s, s)):  # noqa: UP031 -- the old operator is what is checked
         assert "hunter2" not in text
     with pytest.raises(TypeError):
         hash(s)
@@ -331,7 +332,7 @@ async def test_a_lone_surrogate_escape_is_a_parse_error_as_documented(pair: Memo
     assert "lone surrogate" in doc and "-32700" in doc.split("lone surrogate")[1][:200]
 
 
-@pytest.mark.parametrize("method, params, code, words", [
+@pytest.mark.parametrize(('method', 'params', 'code', 'words'), [
     ("init", {"passphrase": ""}, -32602, "must not be empty"),
     ("init", {"passphrase": "pw\npw"}, -32602, "control characters"),
     ("init", {"passphrase": "x" * 1025}, -32602, "1024 bytes"),

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from homeagent_secrets.client import SecretsClient
 
 from .conftest import PASSPHRASE, TEST_SCRYPT_N, Daemon, require_real, require_tool, wait_for_socket

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from homeagent_secrets.client import (
     BackendUnavailableError,
     InvalidParams,
@@ -285,7 +286,7 @@ def test_the_later_answered_of_lock_and_unlock_wins(daemon_factory) -> None:  # 
 # --- clear errors instead of crashes --------------------------------------------------------
 
 
-@pytest.mark.parametrize("config, words", [
+@pytest.mark.parametrize(("config", "words"), [
     ('max_connections = "many"', "max_connections: expected int, got str"),
     ('scrypt_n = "big"', "scrypt_n: expected int, got str"),
     ("openbao_address = 5", "openbao_address: expected array, got int"),
@@ -370,9 +371,8 @@ def test_a_missing_optional_backend_is_one_line_and_never_recorded(short_tmp: Pa
     # and an unreachable OpenBao is not recorded either
     r2 = Daemon(home, short_tmp / "s2.sock", short_tmp / "d.log",
                 ["--backend", "openbao", "--openbao-address", "http://127.0.0.1:9"]).start()
-    with SecretsClient(r2.socket) as c:
-        with pytest.raises(Exception):
-            c.list()
+    with SecretsClient(r2.socket) as c, pytest.raises(BackendUnavailableError, match="OpenBao"):
+        c.list()
     r2.stop()
     assert not (home / "backend").exists()
     d = Daemon(home, short_tmp / "s3.sock", short_tmp / "d3.log", ["--backend", "file"]).start()

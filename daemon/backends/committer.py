@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from homeagent_secrets.protocol.errors import LockedError
 
 from . import atomicfile, manifest

@@ -24,6 +24,7 @@ from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from homeagent_secrets.protocol.errors import CorruptRecordError
 
 from .records import RECORD_ID_BYTES, SUFFIX

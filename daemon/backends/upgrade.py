@@ -18,6 +18,7 @@ from typing import Final
 
 import msgspec
 from cryptography.exceptions import InvalidTag
+
 from homeagent_secrets.protocol.errors import CorruptRecordError
 
 from . import atomicfile, records

@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root: tests.* helpers
 
 from tests.conftest import wait_for_socket  # noqa: E402
+
 PASS = "bench passphrase"
 
 
@@ -80,7 +81,6 @@ def keychain_bench(tmp: Path, exe: Path, secs: float) -> dict[str, Any]:
     if not (shutil.which("dbus-daemon") and shutil.which("gnome-keyring-daemon")):
         return {"skipped": "gnome-keyring / dbus-daemon not installed"}
     from homeagent_secrets.client import SecretsClient
-
     from tests.keyringd import gnome_keyring
 
     out: dict[str, Any] = {}
