@@ -14,6 +14,7 @@ from homeagent_secrets.protocol.errors import (
     LockedError,
     NotFoundError,
     NotInitializedError,
+    PermissionDeniedError,
     SecretsError,
     WrongPassphraseError,
 )
@@ -25,6 +26,7 @@ EXIT_LOCKED: Final = 3  # the agent is locked or not initialized (also `status` 
 EXIT_NOT_FOUND: Final = 4
 EXIT_UNREACHABLE: Final = 5  # no agent at the socket, or one this user may not trust
 EXIT_WRONG_PASSPHRASE: Final = 6
+EXIT_DENIED: Final = 7  # the access rules do not grant this call (`secretsctl whoami` shows what they grant)
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT)
 EXIT_BROKEN_PIPE: Final = 141  # the reader of stdout left early (128 + SIGPIPE), quietly
 
@@ -37,6 +39,7 @@ MEANING: Final[dict[int, str]] = {
     EXIT_NOT_FOUND: "no secret by that name",
     EXIT_UNREACHABLE: "cannot reach the agent (or it is not one you may trust)",
     EXIT_WRONG_PASSPHRASE: "wrong passphrase",
+    EXIT_DENIED: "permission denied by the agent's access rules (see `secretsctl whoami`)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
     EXIT_BROKEN_PIPE: "the reader of standard output went away (e.g. `| head -1`)",
 }
@@ -48,6 +51,7 @@ _EXIT_FOR: Final[list[tuple[type[SecretsError], int]]] = [
     (NotFoundError, EXIT_NOT_FOUND),
     (AgentUnreachableError, EXIT_UNREACHABLE),
     (WrongPassphraseError, EXIT_WRONG_PASSPHRASE),
+    (PermissionDeniedError, EXIT_DENIED),
 ]
 
 

@@ -17,6 +17,7 @@ from homeagent_secrets.protocol.names import BACKEND_NAMES, KINDS
 from .cli_commands import COMPLETE, DEFAULT_TIMEOUT
 from .cli_errors import (
     EXIT_BROKEN_PIPE,
+    EXIT_DENIED,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_LOCKED,
@@ -58,7 +59,7 @@ def _epilog(codes: tuple[int, ...], rules: str = "") -> str:
 
 
 # Exit codes every command that talks to the agent can end with.
-_AGENT: Final = (EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED)
+_AGENT: Final = (EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DENIED, EXIT_INTERRUPTED)
 
 
 def _columns() -> int:
@@ -175,8 +176,8 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                             "standard input or a file.",
                 epilog="`secretsctl COMMAND --help` documents each command and its exit codes.\n\n"
                        + _epilog((EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED, EXIT_NOT_FOUND,
-                                  EXIT_UNREACHABLE, EXIT_WRONG_PASSPHRASE, EXIT_INTERRUPTED,
-                                  EXIT_BROKEN_PIPE)))
+                                  EXIT_UNREACHABLE, EXIT_WRONG_PASSPHRASE, EXIT_DENIED,
+                                  EXIT_INTERRUPTED, EXIT_BROKEN_PIPE)))
     p.add_argument("--version", action=_Version)
     _agent_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",

@@ -11,6 +11,7 @@ import pwd
 import secrets as _secrets
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -308,3 +309,28 @@ def test_secretsctl_whoami_and_audit(guarded: tuple[Daemon, Crowd, Path, Path]) 
     assert d.ctl("audit", "--since", "yesterday").returncode == 2
     for value in ("hue-token-value", "sk-openai"):
         assert value not in d.ctl("audit").stdout
+
+
+def test_secretsctl_exits_7_when_the_rules_deny(guarded: tuple[Daemon, Crowd, Path, Path]) -> None:
+    d, crowd, _, _ = guarded
+
+    # The interpreter may live under /root (pyenv), unreadable to the user: start it as
+    # root, import what secretsctl loads, then become the user and run it.
+    drop = ("import os, sys, argparse, gettext, getpass, json, textwrap, datetime, locale, encodings.idna; "
+            "from homeagent_secrets.client import cli, cli_parser, cli_commands, cli_input, cli_output, "
+            "connect, sync; os.setgroups([int(sys.argv[3])]); os.setgid(int(sys.argv[2])); "
+            "os.setuid(int(sys.argv[1])); sys.exit(cli.main(sys.argv[4:]))")
+
+    def ctl_as(user: User, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", drop, str(user.uid), str(user.gid), str(crowd.gid),
+                               "--socket", str(d.socket), *args], capture_output=True, text=True, timeout=60,
+                              cwd="/", env={**os.environ, "HOME": "/nonexistent"})
+
+    ok = ctl_as(crowd.hue, "get", "provider/hue/token")
+    assert ok.returncode == 0 and ok.stdout == "hue-token-value\n", ok.stderr
+    for args in (("get", "llm/openai"), ("get", "device/lock/pin"), ("set", "provider/hue/x",
+                                                                              "--value-file", "/dev/null")):
+        denied = ctl_as(crowd.hue, *args)
+        assert denied.returncode == 7, (args, denied.returncode, denied.stderr)
+        assert "permission denied" in denied.stderr and "whoami" in denied.stderr
+        assert "Traceback" not in denied.stderr
