@@ -10,6 +10,7 @@ import os
 import pwd
 import secrets as _secrets
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -334,3 +335,84 @@ def test_secretsctl_exits_7_when_the_rules_deny(guarded: tuple[Daemon, Crowd, Pa
         assert denied.returncode == 7, (args, denied.returncode, denied.stderr)
         assert "permission denied" in denied.stderr and "whoami" in denied.stderr
         assert "Traceback" not in denied.stderr
+
+
+def _whoami_on(s: socket.socket) -> dict[str, object]:
+    s.settimeout(10)
+    s.sendall(b'{"jsonrpc":"2.0","method":"whoami","id":1}\n')
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(65536)
+        assert chunk, "the agent closed the connection"
+        buf += chunk
+    return json.loads(buf)["result"]  # type: ignore[no-any-return]
+
+
+def test_a_peer_that_exited_lends_nothing_to_the_process_that_takes_its_pid(short_tmp: Path, crowd: Crowd) -> None:
+    """Rights from a group come from /proc/<pid>/status, read at accept. A peer that
+    connected and exited, its pid then taken by another process of the same uid that
+    *is* in the group, must not get the group's rights: the pidfd says the peer died."""
+    short_tmp.chmod(0o711)
+    policy = rules(short_tmp / "rules.toml", f"""
+        [[rule]]
+        group = "{crowd.group}"
+        names = ["provider/**"]
+        allow = ["read"]
+    """)
+    sock = short_tmp / "run" / "s.sock"
+    d = Daemon(short_tmp / "home", sock, short_tmp / "d.log",
+               ["--policy", str(policy), "--socket-group", crowd.group]).start()
+    user = crowd.other
+    # The control: a live member of the group gets the group's rule.
+    (live,) = as_user(user, sock, [("whoami", [])], groups=[crowd.gid])
+    assert live["ok"]["rights"] == [{"names": ["provider/**"], "allow": ["read"]}]  # type: ignore[index]
+
+    def become() -> None:
+        os.setgroups([crowd.gid])
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+
+    for _attempt in range(5):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        os.kill(d.pid, signal.SIGSTOP)  # the connection waits in the backlog, not yet accepted
+        holder = -1
+        release_r, release_w = os.pipe()
+        try:
+            a = os.fork()
+            if a == 0:
+                try:
+                    become()
+                    s.connect(str(sock))
+                    os._exit(0)
+                except BaseException:
+                    os._exit(1)
+            assert os.waitpid(a, 0)[1] == 0
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(a - 1))  # the next fork gets the dead peer's pid
+            holder = os.fork()
+            if holder == 0:
+                try:
+                    become()
+                    os.close(release_w)
+                    os.read(release_r, 1)
+                finally:
+                    os._exit(0)
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        try:
+            if holder != a:
+                s.close()
+                continue  # another process took the pid first: try again
+            with open(f"/proc/{a}/status") as f:
+                assert str(crowd.gid) in next(line for line in f if line.startswith("Groups:"))
+            who = _whoami_on(s)
+            assert who["pid"] == a and who["uid"] == user.uid
+            assert who["rights"] == [], who  # the holder's groups were not lent to the dead peer
+            s.close()
+            return
+        finally:
+            os.close(release_w)
+            os.close(release_r)
+            if holder > 0:
+                os.waitpid(holder, 0)
+    pytest.fail("no process could be placed on the freed pid in 5 attempts (a busy machine?)")
