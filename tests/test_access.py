@@ -389,14 +389,19 @@ def test_a_peer_that_exited_lends_nothing_to_the_process_that_takes_its_pid(shor
             assert os.waitpid(a, 0)[1] == 0
             with open("/proc/sys/kernel/ns_last_pid", "w") as f:
                 f.write(str(a - 1))  # the next fork gets the dead peer's pid
+            ready_r, ready_w = os.pipe()
             holder = os.fork()
             if holder == 0:
                 try:
                     become()
                     os.close(release_w)
+                    os.write(ready_w, b"!")
                     os.read(release_r, 1)
                 finally:
                     os._exit(0)
+            os.close(ready_w)
+            assert os.read(ready_r, 1) == b"!"  # in the group before the agent looks
+            os.close(ready_r)
         finally:
             os.kill(d.pid, signal.SIGCONT)
         try:
