@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def _client_loop(sock: Path, model: Model, names: list[str], rng: random.Random,
             counter[0] += 1
             value = f"{name}#{counter[0]}"
         op = rng.random()
+        call: Callable[[], object]  # store and rotate answer the version, delete a bool
         if st.current is None or op < 0.35:
             after = NameState(value, st.current)
             call = functools.partial(c.store, name, value)

@@ -131,14 +131,15 @@ async def test_export_import_round_trip_keeps_everything(backend: Backend) -> No
     await backend.store("m/x", Secret("one"), "device")
     await backend.rotate("m/x", Secret("two"))
     rec = await backend.export("m/x")
-    assert rec == RecordExport("two", "one", 2, 1, "device", rec.created, rec.updated)  # type: ignore[union-attr]
+    assert rec is not None
+    assert rec == RecordExport("two", "one", 2, 1, "device", rec.created, rec.updated)
     assert "two" not in repr(rec)
-    await backend.import_("m/y", rec)  # type: ignore[arg-type]
+    await backend.import_("m/y", rec)
     copy = await backend.export("m/y")
     if backend.keeps_history:
         assert copy == rec
     else:  # OpenBao numbers versions and stamps times itself: values and kind carry over
-        assert rec.same_content(copy)  # type: ignore[union-attr]
+        assert rec.same_content(copy)
     prev = await backend.retrieve("m/y", previous=True)
     assert prev is not None and prev.value == Secret("one") and prev.version == 1
     assert await backend.export("nope") is None

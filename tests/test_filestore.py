@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -324,7 +325,7 @@ async def test_independent_decryptor_from_format_md(tmp_path: Path) -> None:
         assert len(buf) == bucket(4 + m) and not any(buf[4 + m:])
         return buf[4:4 + m]
 
-    def read(name: str) -> tuple[list[object], list[object]]:
+    def read(name: str) -> tuple[list[Any], list[Any]]:  # msgpack decodes to Any
         fid = hmac.new(nk, name.encode("utf-8"), hashlib.sha256).hexdigest()
         rec = (d / f"{fid}.rec").read_bytes()
         magic, fmt, gen, rid, L = struct.unpack(">4sBQ16sI", rec[:33])

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from homeagent_secrets.daemon.backends import datakey, manifest, records
 from homeagent_secrets.daemon.backends.datakey import DataKey, KdfParams
 from homeagent_secrets.daemon.backends.files import WRAPPED_KEY_FILE, FileBackend
 from homeagent_secrets.protocol.errors import CorruptRecordError, SecretsError, WrongPassphraseError
+from homeagent_secrets.protocol.names import Kind
 from homeagent_secrets.protocol.secret import Secret
 
 from .conftest import PASSPHRASE, Daemon, require_real
@@ -319,11 +319,11 @@ async def test_writes_leave_no_pending_entry_and_versions_stay_per_life(tmp_path
 
 def fill(c: SecretsClient, n: int = 12) -> dict[str, tuple[str, str | None, str, int]]:
     """Store n secrets (some rotated); name -> (current, previous, kind, version)."""
-    want = {}
-    kinds = ("provider", "llm", "device", "generic")
+    want: dict[str, tuple[str, str | None, str, int]] = {}
+    kinds: tuple[Kind, ...] = ("provider", "llm", "device", "generic")
     for i in range(n):
         name = f"fill/{i}"
-        c.store(name, f"value-{i}", kinds[i % 4])  # type: ignore[arg-type]
+        c.store(name, f"value-{i}", kinds[i % 4])
         want[name] = (f"value-{i}", None, kinds[i % 4], 1)
         if i % 3 == 0:
             c.rotate(name, f"value-{i}-b")
@@ -506,7 +506,7 @@ def test_crash_harness_on_format2_200_kills_with_rekeys_loses_nothing() -> None:
 
 
 @pytest.fixture(scope="module")
-def format1_code(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def format1_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The agent as of the last format-1 commit, extracted from this repository's history."""
     repo = Path(__file__).resolve().parent.parent
     root = tmp_path_factory.mktemp("format1")

@@ -691,7 +691,9 @@ def test_a_fifo_as_wrapped_key_is_refused_at_once_and_sigterm_still_stops(daemon
     wrapped.unlink()
     os.mkfifo(wrapped)
     t0 = time.perf_counter()
-    for call in (lambda: c.unlock(PASSPHRASE), lambda: c.change_passphrase(PASSPHRASE, "a new pass")):
+    calls: tuple[Callable[[], object], ...] = (
+        lambda: c.unlock(PASSPHRASE), lambda: c.change_passphrase(PASSPHRASE, "a new pass"))
+    for call in calls:
         with pytest.raises(BackendUnavailableError) as info:
             call()
         assert "not a regular file" in info.value.message
@@ -1108,8 +1110,9 @@ def test_the_connection_cap_error_reaches_both_clients_as_its_class(daemon_facto
     def record(exc: SecretsError) -> None:
         tally[f"{type(exc).__name__} {exc.code}" + (" cap" if "connections open" in exc.message else "")] += 1
 
+    calls: tuple[Callable[[SecretsClient], object], ...] = (lambda cl: cl.get("k"), lambda cl: cl.store("k", "w"))
     for _i in range(100):
-        for call in (lambda cl: cl.get("k"), lambda cl: cl.store("k", "w")):
+        for call in calls:
             cl = SecretsClient(d.socket)
             try:
                 call(cl)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from homeagent_secrets.protocol.errors import (
     LockedError,
     NotSupportedError,
 )
+from homeagent_secrets.protocol.names import Kind
 from homeagent_secrets.protocol.secret import Secret
 
 from .conftest import PASSPHRASE, Daemon, require_tool
@@ -125,7 +127,7 @@ class FailingStore(Store):
         self._step()
         return self.inner.delete(account)
 
-    def accounts(self) -> set[str]:
+    def accounts(self) -> AbstractSet[str]:
         return self.inner.accounts()
 
     def close(self) -> None:
@@ -243,9 +245,10 @@ def test_recorded_choice_survives_a_start_without_dbus(short_tmp: Path, keyring_
 
 
 def _fill(c: SecretsClient) -> dict[str, tuple[str, str | None, str]]:
-    want = {}
+    want: dict[str, tuple[str, str | None, str]] = {}
+    kinds: tuple[Kind, ...] = ("provider", "llm", "device")
     for i in range(6):
-        name, kind = f"m/{i}", ("provider", "llm", "device")[i % 3]
+        name, kind = f"m/{i}", kinds[i % 3]
         c.store(name, f"v{i}-1", kind=kind)
         prev = None
         if i % 2:

@@ -10,7 +10,7 @@ import pytest
 
 from homeagent_secrets.protocol import errors
 from homeagent_secrets.protocol import messages as m
-from homeagent_secrets.protocol.framing import FrameSplitter
+from homeagent_secrets.protocol.framing import MAX_BATCH, FrameSplitter
 from homeagent_secrets.protocol.messages import (
     DeleteParams,
     NameParams,
@@ -20,7 +20,7 @@ from homeagent_secrets.protocol.messages import (
 )
 from homeagent_secrets.protocol.rpc import ClientProtocol
 from homeagent_secrets.protocol.secret import Secret
-from homeagent_secrets.protocol.server import MAX_BATCH, has_duplicate_keys
+from homeagent_secrets.protocol.server import has_duplicate_keys
 
 from .memory import MemoryPair
 

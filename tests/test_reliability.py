@@ -241,6 +241,7 @@ def test_soak_64_connections_mixed_load(daemon_factory, short_tmp: Path) -> None
 
     cc = shutil.which("cc") or shutil.which("gcc")
     require_real(cc is not None, "a C compiler for the load generator")
+    assert cc is not None
     exe = short_tmp / "loadgen"
     subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).parent / "bench" / "loadgen.c")], check=True)
     d: Daemon = daemon_factory("--log-level", "WARNING", name="soak")
@@ -327,7 +328,8 @@ def _payload(send: object) -> bytes:
     assert isinstance(send, dict)
     if "hex" in send:
         return bytes.fromhex(send["hex"])
-    return (send.get("prefix", "") + send["repeat"] * send["times"] + send.get("suffix", "")).encode()
+    text: str = send.get("prefix", "") + send["repeat"] * send["times"] + send.get("suffix", "")  # JSON: Any
+    return text.encode()
 
 
 def test_bad_message_corpus_gets_the_right_answers_while_others_are_served(unlocked: Daemon) -> None:
@@ -411,6 +413,7 @@ def test_modes_loosened_while_running_are_restored(daemon_factory, short_tmp: Pa
 def test_failed_fsync_is_a_failed_write_never_a_false_success(short_tmp: Path) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     require_real(cc is not None, "a C compiler for the fsync fault shim")
+    assert cc is not None
     shim = short_tmp / "failing_fsync.so"
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), str(Path(__file__).parent / "sandbox" / "failing_fsync.c"),
                     "-ldl"], check=True)

@@ -19,6 +19,7 @@ import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import pytest
 from hypothesis import example, given
@@ -33,11 +34,11 @@ COMMANDS_LISTED = ["init", "unlock", "lock", "passwd", "status", "set", "get", "
                    "rotate", "describe", "migrate", "whoami", "audit", "watch", "run", "completion"]
 
 
-def ctl_bytes(d: Daemon, *args: str, input: bytes | None = None, **kw: object
+def ctl_bytes(d: Daemon, *args: str, input: bytes | None = None, stdin: IO[bytes] | None = None
               ) -> subprocess.CompletedProcess[bytes]:
     """secretsctl with bytes in and out (no newline translation)."""
-    return subprocess.run([*CTL, "--socket", str(d.socket), *args], input=input,
-                          capture_output=True, timeout=60, **kw)  # type: ignore[call-overload, no-any-return]
+    return subprocess.run([*CTL, "--socket", str(d.socket), *args], input=input, stdin=stdin,
+                          capture_output=True, timeout=60)
 
 
 def one_line(stderr: str) -> str:
@@ -132,7 +133,7 @@ def test_every_command_help_documents_arguments_and_exit_codes(command: str) -> 
                        env={**os.environ, "COLUMNS": "100"})
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "exit status:" in r.stdout and "  0    success" in r.stdout
-    sub = next(a for a in parser()._actions if a.dest == "command").choices[command]  # type: ignore[attr-defined]
+    sub = next(a for a in parser()._actions if a.dest == "command").choices[command]  # type: ignore[index]
     for action in sub._actions:
         shown = (action.option_strings[-1] if action.option_strings
                  else action.metavar or action.dest)
@@ -151,12 +152,12 @@ def test_the_command_list_matches_the_parser() -> None:
     from homeagent_secrets.client.cli_parser import COMMANDS, command_in, parser
 
     sub = next(a for a in parser()._actions if a.dest == "command")
-    assert list(sub.choices) == list(COMMANDS) and COMMANDS[-1] == COMPLETE  # type: ignore[attr-defined]
+    assert list(sub.choices) == list(COMMANDS) and COMMANDS[-1] == COMPLETE  # type: ignore[arg-type]
     assert COMMANDS[:-1] == tuple(COMMANDS_LISTED)
     assert command_in(["--socket", "get", "ls", "x"]) == "ls"
     assert command_in(["--help", "get"]) is None and command_in(["frob"]) is None
     lean = next(a for a in parser(["get", "x"])._actions if a.dest == "command")
-    assert list(lean.choices) == ["get"]  # type: ignore[attr-defined]
+    assert list(lean.choices) == ["get"]  # type: ignore[arg-type]
 
 
 @given(st.lists(st.sampled_from(["get", "--previous", "--raw", "x", "llm/a", "-x", "--",

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from .conftest import PASSPHRASE, TEST_SCRYPT_N, Daemon
 # --- data loss ---------------------------------------------------------------------------
 
 
-def rpc(path: Path, method: str, params: dict[str, object] | None = None) -> dict[str, object]:
+def rpc(path: Path, method: str, params: Mapping[str, object] | None = None) -> dict[str, object]:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(30)
     s.connect(str(path))
@@ -94,8 +95,9 @@ def test_a_damaged_record_is_refused_not_absent_until_removed(unlocked: Daemon) 
                 c.get("victim")
             assert victim in err.value.message and "rm --force" in err.value.message
             assert "current" not in err.value.message and "original" not in err.value.message
-            for write in (lambda: c.store("victim", "new"), lambda: c.rotate("victim", "new"),
-                          lambda: c.delete("victim")):
+            writes: tuple[Callable[[], object], ...] = (
+                lambda: c.store("victim", "new"), lambda: c.rotate("victim", "new"), lambda: c.delete("victim"))
+            for write in writes:
                 with pytest.raises(BackendUnavailableError):
                     write()
             assert [d.file for d in c.status().damaged] == [victim]
@@ -264,7 +266,7 @@ def test_the_later_answered_of_lock_and_unlock_wins(daemon_factory) -> None:  # 
         s.sendall(json.dumps(msgs[first]).encode() + b"\n")
         time.sleep(0.02)  # the unlock is under way (scrypt) when the lock arrives
         s.sendall(json.dumps(msgs[second]).encode() + b"\n")
-        order = []
+        order: list[str] = []
         buf = b""
         while len(order) < 2:
             chunk = s.recv(65536)
@@ -342,6 +344,7 @@ def test_every_log_call_formats(caplog: pytest.LogCaptureFixture) -> None:
                 continue
             assert node.args and isinstance(node.args[0], ast.Constant), f"{path}:{node.lineno}"
             fmt = node.args[0].value
+            assert isinstance(fmt, str), f"{path}:{node.lineno}"
             # the format's placeholders, in order, get a value of a fitting type
             specs = re.findall(r"%[-#0 +]*\d*(?:\.\d+)?([sdrfo])", fmt)
             assert len(specs) == len(node.args) - 1, f"{path}:{node.lineno}: {fmt!r}"

@@ -82,7 +82,9 @@ class OpenBaoClient:
             # requests a scan of os.environ on every call, a third of its CPU here.)
             session.trust_env = False
             client = clients[address] = hvac.Client(
-                url=address, verify=self.s.openbao_ca_file or True, timeout=self.s.openbao_timeout, session=session
+                url=address, verify=self.s.openbao_ca_file or True, session=session,
+                # types-hvac says int; hvac hands the timeout to requests, which takes float seconds.
+                timeout=self.s.openbao_timeout,  # type: ignore[arg-type]
             )
         client.token = self._auth.token
         return client

@@ -370,7 +370,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     a = ap.parse_args()
     repeats = a.repeats or (3 if a.quick else 5)
-    report = {
+    report: dict[str, Any] = {  # the JSON report: mixed values
         "command": "python tests/bench/bench_clients.py" + (" --quick" if a.quick else ""),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},

@@ -9,8 +9,9 @@ Anything but the protocol's own SecretsError escaping is a crash. Run:
 import sys
 
 import atheris
+from atheris.import_hook import instrument_imports  # what atheris re-exports; its stubs type it only here
 
-with atheris.instrument_imports():
+with instrument_imports():
     from homeagent_secrets.protocol.errors import SecretsError
     from homeagent_secrets.protocol.messages import METHODS
     from homeagent_secrets.protocol.rpc import ClientProtocol
