@@ -211,6 +211,7 @@ def test_every_call_is_in_the_access_log_and_denials_in_the_journal(
     assert "WARNING homeagent_secrets.audit: denied retrieve of llm/openai" in d.log_text()
 
 
+@pytest.mark.slow
 def test_sighup_reloads_rules_and_keeps_the_old_ones_when_the_new_are_bad(
     guarded: tuple[Daemon, Crowd, Path, Path]
 ) -> None:
@@ -239,6 +240,7 @@ def test_sighup_reloads_rules_and_keeps_the_old_ones_when_the_new_are_bad(
     assert as_user(crowd.other, d.socket, [("get", ["llm/openai"])], groups=[crowd.gid]) == [{"ok": "sk-openai"}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("text", "words"), [
     ('[[rule]]\nuser = "root"\nnames = ["a"]\nallow = ["read", "fly"]\n', "allow[1]"),
     ('[[rule]]\nuser = "root"\nnames = ["a"]\nallow = ["read"]\ncolour = "red"\n', "unknown field"),
@@ -293,6 +295,7 @@ def test_without_rules_other_uids_are_refused_at_connect(short_tmp: Path, crowd:
     d.stop()
 
 
+@pytest.mark.slow
 def test_secretsctl_whoami_and_audit(guarded: tuple[Daemon, Crowd, Path, Path]) -> None:
     d, crowd, _, _audit = guarded
     as_user(crowd.hue, d.socket, [("get", ["provider/hue/token"]), ("get", ["llm/openai"])],
@@ -312,6 +315,7 @@ def test_secretsctl_whoami_and_audit(guarded: tuple[Daemon, Crowd, Path, Path]) 
         assert value not in d.ctl("audit").stdout
 
 
+@pytest.mark.slow
 def test_secretsctl_exits_7_when_the_rules_deny(guarded: tuple[Daemon, Crowd, Path, Path]) -> None:
     d, crowd, _, _ = guarded
 

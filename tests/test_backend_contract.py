@@ -27,6 +27,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield b
 
 
+@pytest.mark.slow
 async def test_store_then_retrieve_returns_the_value(backend: Backend) -> None:
     assert await backend.store("svc/api", Secret("v1"), "provider") == 1
     got = await backend.retrieve("svc/api")
@@ -106,6 +107,7 @@ async def test_unicode_and_large_values_round_trip(backend: Backend) -> None:
         assert got is not None and got.value == Secret(v)
 
 
+@pytest.mark.slow
 async def test_concurrent_writes_to_one_name_are_serialized(backend: Backend) -> None:
     await backend.store("c", Secret("0"), None)
     async with anyio.create_task_group() as tg:
@@ -115,6 +117,7 @@ async def test_concurrent_writes_to_one_name_are_serialized(backend: Backend) ->
     assert got is not None and got.version == 11
 
 
+@pytest.mark.slow
 async def test_count_matches_list(backend: Backend) -> None:
     for i in range(5):
         await backend.store(f"n{i}", Secret("v"), None)

@@ -65,6 +65,7 @@ def test_cached_values_are_secret_objects_never_shown(cached: SecretsClient, unl
     assert "TOP-SECRET" not in repr(hit) + repr(cached.cache) + repr(cached.cache.core.entries)  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_no_stale_read_after_an_acknowledged_rotate(unlocked: Daemon, cached: SecretsClient) -> None:
     """Whoever got a rotate's answer, a cached get that starts afterwards sees it."""
     with SecretsClient(unlocked.socket) as w:
@@ -111,6 +112,7 @@ def test_no_stale_read_after_a_rotate_acknowledged_to_another_process(unlocked: 
         writer.wait()
 
 
+@pytest.mark.slow
 def test_threads_never_read_older_than_an_acknowledged_version(unlocked: Daemon, cached: SecretsClient) -> None:
     with SecretsClient(unlocked.socket) as w:
         acked = [w.store("t", "0")]
@@ -209,6 +211,7 @@ def _s(v: str):  # type: ignore[no-untyped-def]
     return Secret(v)
 
 
+@pytest.mark.slow
 def test_a_dropped_watch_sends_calls_to_the_agent_until_it_is_back(unlocked: Daemon,
                                                                    cached: SecretsClient) -> None:
     with SecretsClient(unlocked.socket) as w:
@@ -306,6 +309,7 @@ class Relay:
         self.thread.join(5)
 
 
+@pytest.mark.slow
 def test_get_many_is_one_round_trip_in_order_with_none_for_absent(unlocked: Daemon, short_tmp: Path) -> None:
     names = [f"app/{i:03d}" for i in range(250)]
     with SecretsClient(unlocked.socket) as w:
@@ -348,6 +352,7 @@ def test_get_many_raises_the_first_error_and_uses_the_cache(unlocked: Daemon, ca
 # --- the async client -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_the_async_cache_follows_rotates_locks_and_reconnects(unlocked: Daemon) -> None:
     with SecretsClient(unlocked.socket) as w:

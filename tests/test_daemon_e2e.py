@@ -90,6 +90,7 @@ def test_sync_client_every_method(daemon: Daemon) -> None:
             c.store("big", "x" * (64 * 1024 + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_async_client_multiplexes_concurrent_calls(unlocked: Daemon) -> None:
     async with AsyncSecretsClient(unlocked.socket) as c:
@@ -166,6 +167,7 @@ def test_second_uid_is_refused_even_through_a_world_writable_socket(
         assert c.list() == []
 
 
+@pytest.mark.slow
 def test_live_daemon_is_not_replaced_and_stale_socket_is(unlocked: Daemon, short_tmp: Path) -> None:
     rival = subprocess.run(
         [sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(short_tmp / "rival"),
@@ -191,6 +193,7 @@ def test_sigint_also_shuts_down_cleanly(unlocked: Daemon) -> None:
     assert not unlocked.socket.exists()
 
 
+@pytest.mark.slow
 def test_shutdown_finishes_requests_in_flight(unlocked: Daemon) -> None:
     """SIGTERM while 40 received writes are under way: all 40 are answered and on disk."""
     s = raw_connect(unlocked.socket)
@@ -268,6 +271,7 @@ def test_malformed_input_is_answered_and_others_keep_working(unlocked: Daemon) -
         assert "result" in rpc(good, "list", {})
 
 
+@pytest.mark.slow
 def test_half_sent_message_is_closed_after_the_idle_timeout(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d: Daemon = daemon_factory("--idle-timeout", "0.5")
     s = raw_connect(d.socket)
@@ -300,6 +304,7 @@ def test_connection_cap_refuses_the_newest(daemon_factory) -> None:  # type: ign
     assert "result" in reply
 
 
+@pytest.mark.slow
 def test_failed_unlocks_are_slowed_down_without_blocking_others(unlocked: Daemon) -> None:
     with SecretsClient(unlocked.socket) as c:
         c.lock()

@@ -362,6 +362,7 @@ def opens_anything(old_key: bytes, secrets_dir: Path) -> list[str]:
     return opened
 
 
+@pytest.mark.slow
 def test_rekey_replaces_the_data_key_and_the_old_one_opens_nothing(daemon_factory, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
     d: Daemon = daemon_factory(name="rk")
     c = SecretsClient(d.socket)
@@ -419,6 +420,7 @@ def _crash_during(home: Path, sock: Path, log: Path, point: str, action) -> None
         d.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", REKEY_CRASH_POINTS)
 def test_kill_at_each_rekey_crash_point_keeps_a_store_that_opens(point: str, short_tmp: Path) -> None:
     home, sock, log = short_tmp / "home", short_tmp / "s.sock", short_tmp / "d.log"
@@ -461,6 +463,7 @@ WRITE_CRASH_POINTS = [("write-manifest-pending", "old"), ("write-record", "new")
                       ("delete-unlinked", "gone")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("point", "outcome"), WRITE_CRASH_POINTS)
 def test_kill_at_each_write_step_leaves_a_recognized_state(point: str, outcome: str,
                                                            short_tmp: Path) -> None:
@@ -578,6 +581,7 @@ def check_upgraded(c: SecretsClient, want: dict[str, list[object]]) -> None:
             kind, version, created, updated), name
 
 
+@pytest.mark.slow
 def test_format1_store_upgrades_losslessly_and_the_old_agent_refuses_format2(
         format1_code: Path, short_tmp: Path) -> None:
     home, sock, log = short_tmp / "home", short_tmp / "s.sock", short_tmp / "d.log"
@@ -618,6 +622,7 @@ UPGRADE_CRASH_POINTS = ["rebuild-wrote-record:3", "rebuild-before-marker", "rebu
                         "switch-old-removed"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", UPGRADE_CRASH_POINTS)
 def test_kill_at_each_upgrade_crash_point_loses_nothing(point: str, format1_code: Path,
                                                         short_tmp: Path) -> None:
@@ -633,6 +638,7 @@ def test_kill_at_each_upgrade_crash_point_loses_nothing(point: str, format1_code
     d.stop()
 
 
+@pytest.mark.slow
 def test_passphrase_change_or_rekey_of_a_locked_format1_store_upgrades_it(
         format1_code: Path, short_tmp: Path) -> None:
     for how in ("change_passphrase", "rekey"):

@@ -43,6 +43,9 @@ from .procmem import encodings, scan
 
 # --- helpers ---------------------------------------------------------------------------------
 
+# The attacker suite: every test drives a daemon through an attack and measures it.
+pytestmark = pytest.mark.slow
+
 
 def rpc_line(id_: int | str | None, method: str, **params: Any) -> bytes:
     msg: dict[str, Any] = {"jsonrpc": "2.0", "id": id_, "method": method}

@@ -205,6 +205,7 @@ async def test_a_failure_at_any_step_loses_nothing_and_list_is_right_after_resta
 # --- the daemon: auto-detection, the recorded choice, migration ------------------------------------
 
 
+@pytest.mark.slow
 def test_auto_picks_keychain_with_a_keyring_and_file_without(short_tmp: Path, keyring_env: dict[str, str]) -> None:
     d = keychain_daemon(short_tmp, keyring_env, "--backend", "auto").start()
     st = SecretsClient(d.socket).status()
@@ -224,6 +225,7 @@ def test_auto_picks_keychain_with_a_keyring_and_file_without(short_tmp: Path, ke
     f.stop()
 
 
+@pytest.mark.slow
 def test_recorded_choice_survives_a_start_without_dbus(short_tmp: Path, keyring_env: dict[str, str]) -> None:
     d = keychain_daemon(short_tmp, keyring_env, "--backend", "auto").start()
     with SecretsClient(d.socket) as c:
@@ -302,6 +304,7 @@ def test_migrate_keychain_to_file_killed_midway_then_rerun(short_tmp: Path, keyr
         _check(c, want)
 
 
+@pytest.mark.slow
 def test_migrate_file_to_keychain_killed_after_switch_then_rerun(short_tmp: Path, keyring_env: dict[str, str]) -> None:
     pw = short_tmp / "pw"
     pw.write_text(PASSPHRASE)

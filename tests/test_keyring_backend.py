@@ -137,6 +137,7 @@ def test_by_name_through_python_keyring_backend(unlocked: Daemon, kr_tmp: Path) 
     assert out.stdout.strip() == "pw"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state", ["locked", "uninitialized", "absent"])
 def test_not_viable_unless_an_unlocked_agent_answers(daemon: Daemon, kr_tmp: Path, state: str) -> None:
     sock: Path | str = daemon.socket
@@ -172,6 +173,7 @@ def test_never_viable_inside_the_agents_keychain_backend(unlocked: Daemon, kr_tm
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_keyrings_cli_sets_gets_and_deletes_through_the_agent(unlocked: Daemon, kr_tmp: Path) -> None:
     env = keyring_env(kr_tmp, unlocked.socket, PYTHON_KEYRING_BACKEND=BACKEND)
 
@@ -193,6 +195,7 @@ def test_keyrings_cli_sets_gets_and_deletes_through_the_agent(unlocked: Daemon, 
     assert "SecretsdKeyring (priority: 1.5)" in listed.stdout
 
 
+@pytest.mark.slow
 def test_priority_is_cheap_when_the_agent_hangs(unlocked: Daemon, kr_tmp: Path) -> None:
     import signal
 

@@ -76,6 +76,7 @@ async def test_rotate_is_check_and_set_between_two_agents(bao_dev: DevServer, sh
     assert prev is not None and prev.value == Secret("from-b")
 
 
+@pytest.mark.slow
 def test_two_daemons_racing_rotates_lose_nothing(bao_dev: DevServer, short_tmp: Path) -> None:
     tok = token_file(short_tmp)
     d1 = bao_daemon(short_tmp, [bao_dev.address], tok, "r1", "--config", str(_prefix_config(short_tmp, "race/")))
@@ -249,6 +250,7 @@ def test_raft_cluster_survives_the_leader_being_killed(short_tmp: Path, record_p
         assert window_ms < 30_000
 
 
+@pytest.mark.slow
 def test_one_config_switch_and_migrate_move_a_file_installation_to_openbao(
     bao_dev: DevServer, short_tmp: Path
 ) -> None:

@@ -290,6 +290,7 @@ async def test_lines_without_repeated_keys_are_served(pair: MemoryPair, line: by
     assert isinstance(got, dict) and "result" in got, got
 
 
+@pytest.mark.slow
 def test_duplicate_key_detection_matches_a_full_parse() -> None:
     """The fast path (no backslash, every ':' ends a key) agrees with json's own parse."""
     from hypothesis import given, settings

@@ -64,6 +64,7 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_disk_full_and_read_only_are_clear_errors_and_lose_nothing(tiny_fs: Path, short_tmp: Path) -> None:
     d = Daemon(tiny_fs / "home", short_tmp / "fs.sock", short_tmp / "fs.log").start()
     c = SecretsClient(d.socket)
@@ -181,6 +182,7 @@ def test_slowloris_and_connect_flood_do_not_starve_a_real_client(daemon_factory)
 # --- nothing leaks ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_canaries_never_leak_to_proc_logs_errors_or_core_files(daemon_factory, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
     import signal
     import sys
@@ -385,6 +387,7 @@ def test_bad_message_corpus_gets_the_right_answers_while_others_are_served(unloc
 # --- access ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_modes_loosened_while_running_are_restored(daemon_factory, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
     import stat
     import time
@@ -410,6 +413,7 @@ def test_modes_loosened_while_running_are_restored(daemon_factory, short_tmp: Pa
     assert "loosened to mode 755 while running" in d.log_text()
 
 
+@pytest.mark.slow
 def test_failed_fsync_is_a_failed_write_never_a_false_success(short_tmp: Path) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     require_real(cc is not None, "a C compiler for the fsync fault shim")

@@ -142,6 +142,7 @@ def wait_gone(pid: int, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_the_secret_is_in_the_environment_and_nowhere_else(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, _ = agent
     p = run(procs, d, "--env", "TOK=app/token")
@@ -157,6 +158,7 @@ def test_the_secret_is_in_the_environment_and_nowhere_else(agent, procs) -> None
     assert VALUE not in "".join(p.err)
 
 
+@pytest.mark.slow
 def test_a_rotate_restarts_the_command_with_the_new_value(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     p = run(procs, d, "--env", "TOK=app/token")
@@ -176,6 +178,7 @@ def test_a_rotate_restarts_the_command_with_the_new_value(agent, procs) -> None:
     assert "app/token (version 2) changed: restarting" in "".join(p.err)
 
 
+@pytest.mark.slow
 def test_a_command_that_ignores_sigterm_is_killed_after_the_grace_period(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     p = run(procs, d, "--env", "TOK=app/token", "--grace", "0.5", mode="ignore-term")
@@ -188,6 +191,7 @@ def test_a_command_that_ignores_sigterm_is_killed_after_the_grace_period(agent, 
     assert "did not stop within 0.5 s: SIGKILL" in "".join(p.err)
 
 
+@pytest.mark.slow
 def test_signals_sent_to_run_reach_the_command(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, _ = agent
     p = run(procs, d, "--env", "TOK=app/token", mode="exit7-on-term")
@@ -201,6 +205,7 @@ def test_signals_sent_to_run_reach_the_command(agent, procs) -> None:  # type: i
     assert p.wait() == 7  # the command's own exit code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "code"), [("exit=0", 0), ("exit=42", 42), ("kill-self", 128 + 9)])
 def test_the_commands_exit_code_is_passed_through(agent, procs, mode: str, code: int) -> None:  # type: ignore[no-untyped-def]
     d, _ = agent
@@ -209,6 +214,7 @@ def test_the_commands_exit_code_is_passed_through(agent, procs, mode: str, code:
     assert p.wait() == code
 
 
+@pytest.mark.slow
 def test_on_change_signal_signals_the_running_command(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     p = run(procs, d, "--env", "TOK=app/token", "--on-change", "signal:USR1")
@@ -222,6 +228,7 @@ def test_on_change_signal_signals_the_running_command(agent, procs) -> None:  # 
     assert p.wait() == 128 + signal.SIGTERM
 
 
+@pytest.mark.slow
 def test_on_change_exit_stops_the_command_and_exits_75(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     p = run(procs, d, "--env", "TOK=app/token", "--on-change", "exit")
@@ -231,6 +238,7 @@ def test_on_change_exit_stops_the_command_and_exits_75(agent, procs) -> None:  #
     wait_gone(pid)
 
 
+@pytest.mark.slow
 def test_on_change_ignore_does_not_watch(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     p = run(procs, d, "--env", "TOK=app/token", "--on-change", "ignore")
@@ -242,6 +250,7 @@ def test_on_change_ignore_does_not_watch(agent, procs) -> None:  # type: ignore[
     assert p.wait() == 128 + signal.SIGINT
 
 
+@pytest.mark.slow
 def test_a_deleted_secret_keeps_the_command_and_a_new_one_restarts_it(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     p = run(procs, d, "--env", "TOK=app/token")
@@ -257,6 +266,7 @@ def test_a_deleted_secret_keeps_the_command_and_a_new_one_restarts_it(agent, pro
     assert tok == "REBORN"
 
 
+@pytest.mark.slow
 def test_run_follows_the_agent_through_its_restart(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, _ = agent
     p = run(procs, d, "--env", "TOK=app/token")
@@ -271,6 +281,7 @@ def test_run_follows_the_agent_through_its_restart(agent, procs) -> None:  # typ
     assert "reopening" in "".join(p.err)
 
 
+@pytest.mark.slow
 def test_env_file_and_no_inherit_env(agent, procs, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     c.store("db/password", "pw with spaces")
@@ -282,6 +293,7 @@ def test_env_file_and_no_inherit_env(agent, procs, short_tmp: Path) -> None:  # 
     assert got == ["DB_PASSWORD=pw with spaces", f"TOK={VALUE}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["--env", "TOK=no/such"], 4, "no secret named 'no/such'"),
     (["--env", "1TOK=app/token"], 2, "expected VAR=NAME"),
@@ -296,6 +308,7 @@ def test_refusals_before_anything_starts(agent, procs, args: list[str], code: in
     assert message in "".join(p.err) and p.lines.empty()
 
 
+@pytest.mark.slow
 def test_a_missing_command_is_127_and_a_locked_agent_3(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     p = run(procs, d, "--env", "TOK=app/token", command=["/nonexistent/cmd"])
@@ -308,6 +321,7 @@ def test_a_missing_command_is_127_and_a_locked_agent_3(agent, procs) -> None:  #
 # --- secretsctl watch ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("as_json", [False, True])
 def test_watch_prints_one_line_per_event_never_a_value(agent, procs, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
@@ -346,6 +360,7 @@ def test_watch_prints_one_line_per_event_never_a_value(agent, procs, as_json: bo
     assert p.wait() == 0
 
 
+@pytest.mark.slow
 def test_watch_exits_5_when_the_agent_goes_away(agent, procs) -> None:  # type: ignore[no-untyped-def]
     d, c = agent
     p = Proc(secretsctl(d, "watch"))

@@ -86,6 +86,7 @@ def test_first_use_from_nothing_to_retrieved(daemon: Daemon, short_tmp: Path) ->
     assert daemon.ctl("ls", "--json").stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_exit_codes(unlocked: Daemon, short_tmp: Path) -> None:
     assert unlocked.ctl("get", "nope").returncode == 4
     assert unlocked.ctl("rm", "nope").returncode == 4
@@ -174,6 +175,7 @@ def test_the_plain_get_fast_path_parses_as_argparse_does(argv: list[str]) -> Non
         assert vars(quick) == vars(parser().parse_args(argv))
 
 
+@pytest.mark.slow
 def test_status_exits_3_when_locked_or_not_initialized_and_names_socket_and_home(
         daemon: Daemon) -> None:
     r = daemon.ctl("status")
@@ -192,6 +194,7 @@ def test_status_exits_3_when_locked_or_not_initialized_and_names_socket_and_home
     assert st["socket"] == str(daemon.socket) and st["home"] == str(daemon.home)
 
 
+@pytest.mark.slow
 def test_status_lists_damaged_records_one_per_line(unlocked: Daemon) -> None:
     records = unlocked.home / "secrets"
     unlocked.ctl("set", "victim", input="original\n")
@@ -219,6 +222,7 @@ def test_status_lists_damaged_records_one_per_line(unlocked: Daemon) -> None:
 # --- input rules: passphrases ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_init_from_stdin_takes_one_line_or_two_that_match(daemon: Daemon) -> None:
     r = daemon.ctl("init", input="pw\nother\n")
     assert r.returncode == 2 and "differ" in one_line(r.stderr)
@@ -231,6 +235,7 @@ def test_init_from_stdin_takes_one_line_or_two_that_match(daemon: Daemon) -> Non
     assert daemon.ctl("unlock", input="two words\n").returncode == 0  # not "two words\ntwo words"
 
 
+@pytest.mark.slow
 def test_init_from_one_line_says_so(daemon: Daemon) -> None:
     r = daemon.ctl("init", input="only once\r\n")
     assert r.returncode == 0 and "one line of standard input" in one_line(r.stderr)
@@ -238,6 +243,7 @@ def test_init_from_one_line_says_so(daemon: Daemon) -> None:
     assert daemon.ctl("unlock", input="only once").returncode == 0
 
 
+@pytest.mark.slow
 def test_unlock_reads_exactly_one_line(unlocked: Daemon) -> None:
     unlocked.ctl("lock")
     r = unlocked.ctl("unlock", input=f"{PASSPHRASE}\n{PASSPHRASE}\n")
@@ -246,6 +252,7 @@ def test_unlock_reads_exactly_one_line(unlocked: Daemon) -> None:
     assert unlocked.ctl("unlock", input=PASSPHRASE + "\r\n").returncode == 0
 
 
+@pytest.mark.slow
 def test_a_passphrase_file_is_read_whole(unlocked: Daemon, short_tmp: Path) -> None:
     """So a passphrase with a newline in it (set before the rules) can still be given."""
     unlocked.ctl("lock")
@@ -257,6 +264,7 @@ def test_a_passphrase_file_is_read_whole(unlocked: Daemon, short_tmp: Path) -> N
     assert unlocked.ctl("unlock", "--passphrase-file", str(pw)).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("text", "rule"), [
     ("\n", "must not be empty"),
     ("tab\there\n", "must not contain control characters"),
@@ -276,6 +284,7 @@ def test_a_passphrase_breaking_the_protocol_rule_is_refused_before_sending(
     assert daemon.ctl("status").returncode == 3  # nothing was initialized
 
 
+@pytest.mark.slow
 def test_passwd_from_stdin_and_files(unlocked: Daemon, short_tmp: Path) -> None:
     r = unlocked.ctl("passwd", input=f"{PASSPHRASE}\nnew-one\n")
     assert r.returncode == 0, r.stderr
@@ -294,6 +303,7 @@ def test_passwd_from_stdin_and_files(unlocked: Daemon, short_tmp: Path) -> None:
     assert unlocked.ctl("unlock", "--passphrase-file", str(new)).returncode == 0
 
 
+@pytest.mark.slow
 def test_unlock_from_credential_directory(unlocked: Daemon, short_tmp: Path) -> None:
     creds = short_tmp / "creds"
     creds.mkdir()
@@ -336,6 +346,7 @@ def test_get_prints_value_and_one_newline_only(unlocked: Daemon) -> None:
     assert r.stdout == "line1\nline2\n" and r.stderr == ""
 
 
+@pytest.mark.slow
 def test_set_strips_one_trailing_newline_and_raw_keeps_the_bytes(unlocked: Daemon) -> None:
     assert ctl_bytes(unlocked, "set", "v", input=b"value\n\n").returncode == 0
     assert ctl_bytes(unlocked, "get", "v", "--raw").stdout == b"value\n"  # one removed
@@ -346,6 +357,7 @@ def test_set_strips_one_trailing_newline_and_raw_keeps_the_bytes(unlocked: Daemo
     assert ctl_bytes(unlocked, "get", "v").stdout == b"value\r\n\n\n"
 
 
+@pytest.mark.slow
 def test_pem_files_round_trip(unlocked: Daemon, short_tmp: Path) -> None:
     pem = ("-----BEGIN PRIVATE KEY-----\n" + "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n" * 30
            + "-----END PRIVATE KEY-----\n").encode()
@@ -417,6 +429,7 @@ def test_a_full_disk_on_stdout_is_one_line(unlocked: Daemon) -> None:
 # --- a person at a terminal -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prompts_ask_twice_without_echo(daemon: Daemon) -> None:
     with Terminal.secretsctl(daemon.socket, "init") as t:
         t.expect("New passphrase: ")
@@ -434,6 +447,7 @@ def test_prompts_ask_twice_without_echo(daemon: Daemon) -> None:
     assert daemon.ctl("get", "typed").stdout == "sk-typed\n"
 
 
+@pytest.mark.slow
 def test_prompt_mismatch_and_empty_entry_are_one_line(daemon: Daemon) -> None:
     with Terminal.secretsctl(daemon.socket, "init") as t:
         t.expect("New passphrase: ")
@@ -461,6 +475,7 @@ def test_ctrl_d_at_a_prompt_is_one_line(unlocked: Daemon) -> None:
     assert rc == 2 and "end of input" in one_line(err)
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_a_prompt_exits_130_with_one_line(unlocked: Daemon) -> None:
     unlocked.ctl("lock")
     with Terminal.secretsctl(unlocked.socket, "unlock") as t:  # SIGINT sent to the child
@@ -502,6 +517,7 @@ def test_sigint_while_reading_a_pipe_exits_130(unlocked: Daemon) -> None:
 
 
 # The error comes at a write (unbuffered), or at the last flush.
+@pytest.mark.slow
 @pytest.mark.parametrize("unbuffered", ["", "1"])
 def test_a_reader_that_left_is_a_quiet_141(unlocked: Daemon, unbuffered: str) -> None:
     unlocked.ctl("set", "x", input="v\n")
@@ -518,6 +534,7 @@ def test_a_reader_that_left_is_a_quiet_141(unlocked: Daemon, unbuffered: str) ->
         assert (r.returncode, r.stderr) == (141, ""), args
 
 
+@pytest.mark.slow
 def test_ls_piped_to_head(unlocked: Daemon) -> None:
     bash = require_tool("bash")
     from homeagent_secrets.client import SecretsClient
@@ -535,6 +552,7 @@ def test_ls_piped_to_head(unlocked: Daemon) -> None:
 # --- ls, describe, names ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ls_prefix_matches_whole_segments(unlocked: Daemon) -> None:
     for name in ("llm", "llm/openai", "llm/x/y", "llmx/z", "other"):
         unlocked.ctl("set", name, input="v\n")
@@ -547,6 +565,7 @@ def test_ls_prefix_matches_whole_segments(unlocked: Daemon) -> None:
     assert r.returncode == 2 and "invalid prefix" in one_line(r.stderr)
 
 
+@pytest.mark.slow
 def test_ls_long_shows_kind_version_and_updated_time(unlocked: Daemon) -> None:
     unlocked.ctl("set", "llm/openai", "--kind", "llm", input="a\n")
     unlocked.ctl("rotate", "llm/openai", input="b\n")
@@ -562,6 +581,7 @@ def test_ls_long_shows_kind_version_and_updated_time(unlocked: Daemon) -> None:
     assert [(d["name"], d["kind"], d["version"]) for d in long_json] == [("llm/openai", "llm", 2)]
 
 
+@pytest.mark.slow
 def test_describe_prints_iso_8601_times(unlocked: Daemon) -> None:
     unlocked.ctl("set", "x", input="v\n")
     raw = json.loads(unlocked.ctl("describe", "x", "--json").stdout)
@@ -571,6 +591,7 @@ def test_describe_prints_iso_8601_times(unlocked: Daemon) -> None:
         assert when.utcoffset() is not None and abs(when.timestamp() - raw[key]) < 1
 
 
+@pytest.mark.slow
 def test_names_starting_with_a_dash_work_after_double_dash(unlocked: Daemon) -> None:
     assert unlocked.ctl("set", "--", "-dash", input="v\n").returncode == 0
     assert unlocked.ctl("get", "--", "-dash").stdout == "v\n"
@@ -616,6 +637,7 @@ def _status_fields(r: subprocess.CompletedProcess[str]) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", ["interactive", "cron-sudo-ssh", "nothing-set"])
 def test_daemon_cli_and_library_find_one_socket(short_tmp: Path, context: str) -> None:
     home = short_tmp / "home"
@@ -640,6 +662,7 @@ def test_daemon_cli_and_library_find_one_socket(short_tmp: Path, context: str) -
     d.stop()
 
 
+@pytest.mark.slow
 def test_home_option_before_or_after_the_command(short_tmp: Path) -> None:
     home = short_tmp / "elsewhere"
     env = _context(HOMEAGENT_HOME=str(home))
@@ -660,6 +683,7 @@ def test_home_option_before_or_after_the_command(short_tmp: Path) -> None:
     d.stop()
 
 
+@pytest.mark.slow
 def test_the_system_socket_is_probed_when_no_user_socket_exists(short_tmp: Path) -> None:
     system = Path("/run/homeagent")
     require_real(os.geteuid() == 0 and not system.exists(),
@@ -709,6 +733,7 @@ def _bash_complete(script: Path, env: dict[str, str], *words: str) -> list[str]:
     return [w for w in r.stdout.split("\n") if w]
 
 
+@pytest.mark.slow
 def test_bash_completion_completes_commands_options_and_names(unlocked: Daemon,
                                                               short_tmp: Path) -> None:
     bash = require_tool("bash")
@@ -739,6 +764,7 @@ def test_bash_completion_completes_commands_options_and_names(unlocked: Daemon,
     assert _bash_complete(script, env, "secretsctl", "get", "llm/") == []
 
 
+@pytest.mark.slow
 def test_bash_completes_a_name_typed_at_a_real_terminal(unlocked: Daemon, short_tmp: Path) -> None:
     bash = require_tool("bash")
     _named(unlocked)
@@ -756,6 +782,7 @@ def test_bash_completes_a_name_typed_at_a_real_terminal(unlocked: Daemon, short_
         t.wait()
 
 
+@pytest.mark.slow
 def test_zsh_completion_is_valid_and_completes_at_a_real_terminal(unlocked: Daemon,
                                                                   short_tmp: Path) -> None:
     zsh = require_tool("zsh")
@@ -782,6 +809,7 @@ def test_zsh_completion_is_valid_and_completes_at_a_real_terminal(unlocked: Daem
         t.wait()
 
 
+@pytest.mark.slow
 def test_hidden_complete_prints_names_or_nothing(unlocked: Daemon, short_tmp: Path) -> None:
     _named(unlocked)
     r = unlocked.ctl("__complete", "names", "llm/")
@@ -807,6 +835,7 @@ _NEVER = ("anyio", "asyncio", "cryptography", "keyring", "hvac", "requests",
 _ARGPARSE = ("argparse", "gettext", "locale", "homeagent_secrets.client.cli_parser")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("argv", "never"), [
     (["get", "x"], _NEVER + _ARGPARSE),  # the form scripts run: not even argparse
     (["get", "--socket", "SOCKET", "x"], _NEVER),  # any other: argparse, still nothing else

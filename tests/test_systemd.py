@@ -183,6 +183,7 @@ def test_inherited_socket_of_the_wrong_type_is_refused(short_tmp: Path) -> None:
 # --- sd_notify ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("abstract", [False, True])
 def test_notify_ready_status_watchdog_stopping(short_tmp: Path, abstract: bool) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -238,6 +239,7 @@ def test_nothing_is_sent_without_notify_socket() -> None:
 # --- boot unlock from a sealed credential -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_boot_unlock_from_a_systemd_creds_sealed_credential(unlocked: Daemon, short_tmp: Path) -> None:
     tool = require_tool("systemd-creds")
     require_real(os.geteuid() == 0, "root (systemd-creds host key)")
@@ -335,6 +337,7 @@ def test_sandbox_helper_really_filters(seccomp_exec: tuple[Path, Path]) -> None:
     assert plain.stdout.split() == ["wx-allowed", "rl-allowed"]
 
 
+@pytest.mark.slow
 def test_daemon_runs_under_the_units_seccomp_and_w_x_policy(
     seccomp_exec: tuple[Path, Path], short_tmp: Path
 ) -> None:

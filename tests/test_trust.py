@@ -119,6 +119,7 @@ def test_a_damaged_record_is_refused_not_absent_until_removed(unlocked: Daemon) 
         unlocked.stop()
 
 
+@pytest.mark.slow
 def test_a_second_daemon_on_one_home_exits_naming_the_first(daemon: Daemon, short_tmp: Path) -> None:
     """4. Two daemons on one home (different sockets) both served and overwrote each other."""
     other_sock = short_tmp / "other.sock"
@@ -250,6 +251,7 @@ def test_polling_status_does_not_keep_the_agent_unlocked(daemon_factory) -> None
         assert c.status().locked is False
 
 
+@pytest.mark.slow
 def test_the_later_answered_of_lock_and_unlock_wins(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     """13. A lock acknowledged while an unlock was in flight left the agent unlocked."""
     d = daemon_factory("--scrypt-n", "32768")  # an unlock long enough to be in flight
@@ -288,6 +290,7 @@ def test_the_later_answered_of_lock_and_unlock_wins(daemon_factory) -> None:  # 
 # --- clear errors instead of crashes --------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("config", "words"), [
     ('max_connections = "many"', "max_connections: expected int, got str"),
     ('scrypt_n = "big"', "scrypt_n: expected int, got str"),
@@ -314,12 +317,14 @@ def test_a_bad_config_is_one_line_naming_file_and_key(short_tmp: Path, config: s
     assert not (short_tmp / "h").exists()  # nothing was started or recorded
 
 
+@pytest.mark.slow
 def test_a_bad_flag_names_the_flag(short_tmp: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(short_tmp / "h"),
                         "--scrypt-n", "3000"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and r.stderr.strip() == "secretsd: --scrypt-n: must be a power of two (got 3000)"
 
 
+@pytest.mark.slow
 def test_every_log_call_formats(caplog: pytest.LogCaptureFixture) -> None:
     """20. The redaction filter rewrote "%s" in format strings: log.info("renew: %s", 30) was lost.
 
@@ -359,6 +364,7 @@ def test_every_log_call_formats(caplog: pytest.LogCaptureFixture) -> None:
     assert record.getMessage() == "renew: 30 new: <redacted>"
 
 
+@pytest.mark.slow
 def test_a_missing_optional_backend_is_one_line_and_never_recorded(short_tmp: Path) -> None:
     """21. --backend openbao without hvac died with ModuleNotFoundError and recorded openbao."""
     stub = short_tmp / "nohvac"

@@ -32,6 +32,7 @@ def raw_watch(path: Path, patterns: list[str]) -> socket.socket:
     return s
 
 
+@pytest.mark.slow
 def test_a_watcher_is_told_every_change_it_may_see_and_never_a_value(unlocked: Daemon) -> None:
     events: list[WatchEvent] = []
     got_all = threading.Event()
@@ -65,6 +66,7 @@ def test_a_watcher_is_told_every_change_it_may_see_and_never_a_value(unlocked: D
     ]
 
 
+@pytest.mark.slow
 def test_no_stale_read_after_an_acknowledged_rotate(unlocked: Daemon) -> None:
     """The event is in the watcher's socket before the writer's answer: once a
     client has the rotate's answer, a read (or the watcher's next recv) sees it."""
@@ -83,6 +85,7 @@ def test_no_stale_read_after_an_acknowledged_rotate(unlocked: Daemon) -> None:
     w.close()
 
 
+@pytest.mark.slow
 def test_an_open_watch_is_not_idle(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d = daemon_factory("--idle-timeout", "1")
     SecretsClient(d.socket).init(PASSPHRASE)
@@ -139,6 +142,7 @@ def test_unwatch_and_a_watch_of_another_connection(unlocked: Daemon) -> None:
     other.close()
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_the_async_client_watches_too(unlocked: Daemon) -> None:
     got: list[WatchEvent] = []
@@ -158,6 +162,7 @@ async def test_the_async_client_watches_too(unlocked: Daemon) -> None:
     assert [(e.name, e.change) for e in got] == [("a/x", "stored"), ("a/x", "rotated")]
 
 
+@pytest.mark.slow
 def test_a_bad_pattern_is_refused(unlocked: Daemon) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(unlocked.socket))
