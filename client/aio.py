@@ -2,6 +2,10 @@
 
 Requests are multiplexed by id: a reader task (in the client's own task group,
 so use ``async with``) hands each reply to the call waiting for it.
+
+Why one module of ~500 lines: the connection, the multiplexer, the watch and
+every typed method share the client's task group and its one lock; the shared
+parts with the blocking client live in ``connect.py`` and ``cache.py``.
 """
 
 from __future__ import annotations

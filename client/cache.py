@@ -35,6 +35,9 @@ has bytes or the lock is held (an event being applied).
 
 Values stay ``Secret`` objects inside ``SecretResult``; nothing here logs or
 prints them (``repr`` shows counts only).
+
+Why one module of ~450 lines: the sync and the async cache share these rules
+and their event handling; splitting them would split the memory model above.
 """
 
 from __future__ import annotations

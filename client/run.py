@@ -31,6 +31,9 @@ The rules (README, "secretsctl run"):
 - Exit code: CMD's own; 128+N when CMD was killed by signal N; 127 when CMD
   is not found, 126 when it cannot be executed; before CMD starts,
   secretsctl's own codes (3 locked, 4 a secret not found, 5 agent unreachable).
+
+Why one module of ~500 lines: argument rules, the supervised child, signal
+forwarding and the watch loop are one state machine around one process.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ What one peer can cost is bounded, so no peer stops the agent for others:
   nothing for that long while nothing runs for it, is closed with its tasks;
 - an exception in one connection closes that connection (logged once); the
   server and every other connection go on.
+
+Why one module of ~450 lines: the listener, the reaper and the connection
+share the limits and the drain; the protocol itself is ``protocol/server.py``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ upgrade rebuild the store beside the old one (``rekey.py``, ``staging.py``).
 A damaged record is never taken for an absent secret: it is listed in
 ``status``, reads and writes of its name are refused with an error naming its
 file, and only ``delete --force`` removes it (and its manifest entry).
+
+Why one module of ~700 lines: everything here reads or changes the one
+in-memory index under the one data key, in the order FORMAT.md prescribes;
+the parts that stand alone (record and manifest codecs, group commit, the
+rebuild used by rekey and upgrade, the data key) are their own modules.
 """
 
 from __future__ import annotations
