@@ -1,8 +1,10 @@
 """stdlib logging to stderr, as text or JSON lines, with a redaction filter.
 
-Secrets are a redacted type, so they cannot reach a log line by accident; the
-filter is the second wall: any field or mapping key named like a secret is
-replaced before formatting, whatever its type.
+Secrets are a redacted type (``Secret``), so they cannot reach a log line by
+accident. The filter is the second wall, and it redacts by type, never by
+rewriting format strings: any argument or ``extra`` field that is a ``Secret``,
+bytes, or a mapping with a key named like a secret is replaced before
+formatting.
 """
 
 from __future__ import annotations
@@ -15,33 +17,37 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+from homeagent_secrets.protocol.secret import Secret
+
 REDACTED: Final = "<redacted>"
-SENSITIVE: Final = re.compile(r"(?i)^(value|values|passphrase|password|old|new|token|secret|secret_id|current|previous)$")
-_INLINE: Final = re.compile(
-    r'(?i)("?(?:value|passphrase|password|old|new|token|secret)"?\s*[:=]\s*)("(?:[^"\\]|\\.)*"|\'[^\']*\'|[^\s,}]+)'
-)
-_STD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+SENSITIVE: Final = re.compile(
+    r"(?i)^(value|values|passphrase|password|old|new|token|secret|secret_id|current|previous)$")
+_STD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime"}
 
 
 def _scrub(obj: Any) -> Any:
+    if isinstance(obj, Secret | bytes | bytearray | memoryview):
+        return REDACTED
     if isinstance(obj, Mapping):
-        return {k: (REDACTED if isinstance(k, str) and SENSITIVE.match(k) else _scrub(v)) for k, v in obj.items()}
+        return {k: (REDACTED if isinstance(k, str) and SENSITIVE.match(k) else _scrub(v))
+                for k, v in obj.items()}
     return obj
 
 
 class RedactFilter(logging.Filter):
-    """Replace values of sensitive-named fields in ``extra`` and in mapping args."""
+    """Replace secret-typed arguments and sensitive-named fields; leave formats alone."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         for key in record.__dict__.keys() - _STD_ATTRS:
             if SENSITIVE.match(key):
                 record.__dict__[key] = REDACTED
+            else:
+                record.__dict__[key] = _scrub(record.__dict__[key])
         if isinstance(record.args, Mapping):
             record.args = _scrub(record.args)
         elif isinstance(record.args, tuple):
             record.args = tuple(_scrub(a) for a in record.args)
-        if isinstance(record.msg, str) and _INLINE.search(record.msg):
-            record.msg = _INLINE.sub(lambda m: m.group(1) + REDACTED, record.msg)
         return True
 
 

@@ -14,6 +14,9 @@ class SecretsError(Exception):
 
     code: int = -32603
     default_message: str = "internal error in the secrets agent; see the secretsd log"
+    #: Sent as the error's ``data.reason`` so a client can tell apart the causes
+    #: one code covers (-32006: damaged, migration in progress, too many connections).
+    reason: str | None = None
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.default_message)
@@ -92,11 +95,24 @@ class BackendUnavailableError(SecretsError):
 class CorruptRecordError(BackendUnavailableError):
     """A record failed authentication: tampered, truncated, swapped or foreign."""
 
+    reason = "damaged"
+
     default_message = "a record failed its integrity check; see the secretsd log"
 
 
 class TooManyConnectionsError(BackendUnavailableError):
+    reason = "too_many_connections"
     default_message = "the agent has too many open connections; close idle clients and retry"
+
+
+class MigrationInProgressError(BackendUnavailableError):
+    """A write arrived while ``migrate`` copies the store; nothing was changed (retry)."""
+
+    reason = "migration_in_progress"
+
+    default_message = (
+        "a migration to another backend is in progress: nothing was changed; retry when it ends"
+    )
 
 
 class ValueTooLargeError(SecretsError):
@@ -116,11 +132,28 @@ class ConflictError(SecretsError):
     default_message = "the secret was changed concurrently; read it again and retry"
 
 
+class PermissionDeniedError(SecretsError):
+    """The access rules do not grant this call to the caller.
+
+    For a name the caller may not read, "absent" and "denied" look the same:
+    the agent decides before looking the name up.
+    """
+
+    code = -32010
+    default_message = "permission denied: the access rules do not allow this; see `secretsctl whoami`"
+
+
 class AgentUnreachableError(SecretsError):
     """Client side only: the daemon's socket cannot be reached (never on the wire)."""
 
     code = -32099
     default_message = "cannot reach secretsd: start it with `secretsd`"
+
+
+class UntrustedAgentError(AgentUnreachableError):
+    """Client side only: the process behind the socket is not one the client may trust."""
+
+    default_message = "the socket is served by another user's process: refusing to talk to it"
 
 
 _BY_CODE: dict[int, type[SecretsError]] = {
@@ -140,13 +173,22 @@ _BY_CODE: dict[int, type[SecretsError]] = {
         ValueTooLargeError,
         NotSupportedError,
         ConflictError,
+        PermissionDeniedError,
     )
 }
 
 
-def error_for_code(code: int, message: str) -> SecretsError:
-    """The exception a client raises for a wire error of this code."""
-    cls = _BY_CODE.get(code, SecretsError)
+_BY_REASON: dict[tuple[int, str], type[SecretsError]] = {
+    (cls.code, cls.reason): cls
+    for cls in (CorruptRecordError, TooManyConnectionsError, MigrationInProgressError)
+    if cls.reason is not None
+}
+
+
+def error_for_code(code: int, message: str, reason: str | None = None) -> SecretsError:
+    """The exception a client raises for a wire error of this code (and reason)."""
+    cls = _BY_REASON.get((code, reason)) if reason else None
+    cls = cls or _BY_CODE.get(code, SecretsError)
     err = cls(message)
     if cls is SecretsError:
         err.code = code

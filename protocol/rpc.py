@@ -1,72 +1,39 @@
-"""JSON-RPC 2.0 over lines, sans I/O: parse requests, encode replies (server),
-build requests and match replies (client).
-
-Decoding is two steps, as msgspec's examples do it: the envelope with
-``params`` kept as ``msgspec.Raw``, then that method's own params struct. The
-hot path is one envelope decode; only a message that fails it is decoded again
-generically, to tell a parse error (-32700) from an invalid request (-32600)
-and to recover its ``id``.
+"""JSON-RPC 2.0 over lines, sans I/O: the reply encoders both halves share, and
+the client half (``ClientProtocol``: numbers requests, frames them, matches and
+decodes replies). The server half is ``server.ServerProtocol``.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Final, Union
+from typing import Any, Final, TypeVar, cast
 
 import msgspec
 
-from .errors import (
-    InvalidParams,
-    InvalidRequest,
-    MethodNotFound,
-    ParseError,
-    SecretsError,
-    error_for_code,
-)
-from .framing import DEFAULT_MAX_FRAME, FrameSplitter
-from .messages import METHODS, ListParams, Method, NoParams, Params
+from .errors import InvalidRequest, SecretsError, error_for_code
+from .framing import FrameSplitter
+from .messages import METHODS, Method, Params
 from .secret import dec_hook, enc_hook
 
 Id = int | str | None
-_ABSENT: Final = msgspec.Raw()
+P = TypeVar("P", bound=Params)
+R = TypeVar("R")
+
+#: Replies may be larger than requests (a batch of retrieves, a long ``list``):
+#: the client accepts lines up to this size.
+DEFAULT_MAX_REPLY: Final = 64 << 20
 
 
-class _Envelope(msgspec.Struct, frozen=True):
-    jsonrpc: str
-    method: str
-    params: msgspec.Raw = _ABSENT
-    id: Id | msgspec.UnsetType = msgspec.UNSET
+class ErrorData(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The error's ``data``: which of the causes its code covers."""
 
-
-class Request(msgspec.Struct, frozen=True):
-    """A well-formed request; ``params`` typed already, or raw until ``decode_params``."""
-
-    method: str
-    params: msgspec.Raw | Params
-    id: Id | msgspec.UnsetType = msgspec.UNSET
-
-    @property
-    def is_notification(self) -> bool:
-        return self.id is msgspec.UNSET
-
-
-class Rejected(msgspec.Struct, frozen=True):
-    """A message answered with an error before any method runs."""
-
-    id: Id
-    error: SecretsError
-
-
-class Batch(msgspec.Struct, frozen=True):
-    items: list[Request | Rejected]
-
-
-Incoming = Request | Rejected | Batch
+    reason: str | None = None
 
 
 class ErrorObject(msgspec.Struct, frozen=True, omit_defaults=True):
     code: int
     message: str
+    data: ErrorData | None = None
 
 
 class _Response(msgspec.Struct, frozen=True):
@@ -81,134 +48,30 @@ class _ErrorResponse(msgspec.Struct, frozen=True):
     error: ErrorObject
 
 
-_envelope_decoder = msgspec.json.Decoder(_Envelope)
-_any_decoder = msgspec.json.Decoder()
-_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _encoder = msgspec.json.Encoder(enc_hook=enc_hook)
-_params_decoders: dict[str, msgspec.json.Decoder[Any]] = {
-    name: msgspec.json.Decoder(m.params, dec_hook=dec_hook) for name, m in METHODS.items()
-}
 
 
-def _bad_envelope(raw: bytes) -> Rejected:
-    """Slow path: classify a message the envelope decoder refused."""
-    try:
-        obj = _any_decoder.decode(raw)
-    except RecursionError:
-        return Rejected(None, InvalidRequest("invalid request: JSON nested too deeply"))
-    except msgspec.DecodeError:
-        return Rejected(None, ParseError())
-    if not isinstance(obj, dict):
-        return Rejected(None, InvalidRequest("invalid request: expected a JSON object"))
-    raw_id = obj.get("id", msgspec.UNSET)
-    id_: Id = raw_id if isinstance(raw_id, (int, str)) and not isinstance(raw_id, bool) else None
-    if raw_id is not msgspec.UNSET and raw_id is not None and id_ is None:
-        return Rejected(None, InvalidRequest("invalid request: id must be a string, integer or null"))
-    if obj.get("jsonrpc") != "2.0":
-        return Rejected(id_, InvalidRequest('invalid request: "jsonrpc" must be "2.0"'))
-    if not isinstance(obj.get("method"), str):
-        return Rejected(id_, InvalidRequest('invalid request: "method" must be a string'))
-    return Rejected(id_, InvalidRequest("invalid request: malformed request object"))
-
-
-def _typed_request(m: Method) -> type[msgspec.Struct]:
-    # A request whose "method" tag selects its params type: for a valid
-    # request, envelope and params are decoded in one pass.
-    params_field: tuple[str, Any] | tuple[str, Any, Any]
-    if m.params is NoParams or m.params is ListParams:
-        params_field = ("params", m.params, msgspec.field(default_factory=m.params))
-    else:
-        params_field = ("params", m.params)
-    return msgspec.defstruct(
-        f"_{m.name}_request",
-        [("jsonrpc", str), params_field, ("id", Id | msgspec.UnsetType, msgspec.UNSET)],
-        tag_field="method", tag=m.name, frozen=True, forbid_unknown_fields=True,
-    )
-
-
-_typed_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
-    Union[tuple(_typed_request(m) for m in METHODS.values())],  # noqa: UP007
-    dec_hook=dec_hook,
-)
-
-
-def _parse_one(raw: bytes) -> Request | Rejected:
-    try:
-        typed = _typed_decoder.decode(raw)
-    except (msgspec.DecodeError, SecretsError, RecursionError):
-        pass  # not a valid request of a known method: the two-step path says why
-    else:
-        if typed.jsonrpc == "2.0":
-            return Request(typed.__struct_config__.tag, typed.params, typed.id)
-    try:
-        env = _envelope_decoder.decode(raw)
-    except RecursionError:
-        return Rejected(None, InvalidRequest("invalid request: JSON nested too deeply"))
-    except msgspec.DecodeError:
-        return _bad_envelope(raw)
-    if env.jsonrpc != "2.0":
-        id_ = None if env.id is msgspec.UNSET else env.id
-        return Rejected(id_, InvalidRequest('invalid request: "jsonrpc" must be "2.0"'))
-    return Request(env.method, env.params, env.id)
-
-
-def parse_message(line: bytes) -> Incoming:
-    """Parse one frame into a request, a batch, or an immediate rejection."""
-    head = line.lstrip()[:1]
-    if head != b"[":
-        return _parse_one(line)
-    try:
-        raws = _batch_decoder.decode(line)
-    except RecursionError:
-        return Rejected(None, InvalidRequest("invalid request: JSON nested too deeply"))
-    except msgspec.DecodeError:
-        return Rejected(None, ParseError())
-    if not raws:
-        return Rejected(None, InvalidRequest("invalid request: empty batch"))
-    return Batch([_parse_one(bytes(r)) for r in raws])
-
-
-def decode_params(request: Request) -> tuple[Method, Params]:
-    """The method row and typed params of a request; raises -32601 or -32602."""
-    method = METHODS.get(request.method)
-    if method is None:
-        raise MethodNotFound(f"method not found: {request.method[:64]!r}; see PROTOCOL.md")
-    raw = request.params
-    if isinstance(raw, Params):
-        return method, raw
-    if len(raw) == 0 or bytes(raw).strip() == b"null":
-        raw = msgspec.Raw(b"{}")
-    try:
-        params = _params_decoders[method.name].decode(raw)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if text.startswith("Expected `object`, got `array`"):
-            text = "params must be a JSON object of named params (positional params are not supported)"
-        raise InvalidParams(f"invalid params for {method.name}: {text}") from None
-    except (msgspec.DecodeError, RecursionError):
-        raise InvalidParams(f"invalid params for {method.name}: malformed JSON") from None
-    return method, params
-
-
-def encode_result(id_: Id, result: Any, out: bytearray) -> None:
-    """Append one success response line to ``out``."""
+def encode_result_into(id_: Id, result: Any, out: bytearray) -> None:
+    """Append one success response object (no newline) to ``out``."""
     _encoder.encode_into(_Response("2.0", id_, result), out, len(out))
-    out += b"\n"
 
 
-def encode_error(id_: Id, error: SecretsError, out: bytearray) -> None:
-    """Append one error response line to ``out``."""
-    _encoder.encode_into(
-        _ErrorResponse("2.0", id_, ErrorObject(error.code, error.message)), out, len(out)
-    )
-    out += b"\n"
+class _Notification(msgspec.Struct, frozen=True, omit_defaults=True):
+    jsonrpc: str
+    method: str
+    params: Any = None
 
 
-def encode_batch(parts: list[bytes], out: bytearray) -> None:
-    """Append a batch response: ``parts`` are single responses with their newlines."""
-    out += b"["
-    out += b",".join(p.rstrip(b"\n") for p in parts)
-    out += b"]\n"
+def encode_notification(method: str, params: Any = None) -> bytes:
+    """One notification line (no id: never answered)."""
+    return _encoder.encode(_Notification("2.0", method, params)) + b"\n"
+
+
+def encode_error_into(id_: Id, error: SecretsError, out: bytearray) -> None:
+    """Append one error response object (no newline) to ``out``."""
+    data = None if error.reason is None else ErrorData(error.reason)
+    _encoder.encode_into(_ErrorResponse("2.0", id_, ErrorObject(error.code, error.message, data)),
+                         out, len(out))
 
 
 # --- client side -----------------------------------------------------------------
@@ -217,12 +80,29 @@ def encode_batch(parts: list[bytes], out: bytearray) -> None:
 class _ReplyEnvelope(msgspec.Struct, frozen=True):
     jsonrpc: str
     id: Id
-    result: msgspec.Raw = _ABSENT
+    result: msgspec.Raw = msgspec.Raw()
     error: ErrorObject | None = None
 
 
+class _NotificationEnvelope(msgspec.Struct, frozen=True):
+    jsonrpc: str
+    method: str
+    params: msgspec.Raw = msgspec.Raw()
+
+
+class Notification(msgspec.Struct, frozen=True):
+    """A line the agent sent unasked (a watch's event): ``method`` and raw ``params``."""
+
+    method: str
+    params: msgspec.Raw
+
+
 class Reply(msgspec.Struct, frozen=True):
-    """A response matched to its request id: ``result`` raw, or ``error``."""
+    """A response matched to its request id: ``result`` raw, or ``error``.
+
+    An error with id null concerns the connection itself (too many connections,
+    a frame over the limit, unparsable input): no request was run.
+    """
 
     id: Id
     result: msgspec.Raw
@@ -230,6 +110,7 @@ class Reply(msgspec.Struct, frozen=True):
 
 
 _reply_decoder = msgspec.json.Decoder(_ReplyEnvelope)
+_notification_decoder = msgspec.json.Decoder(_NotificationEnvelope)
 _replies_decoder = msgspec.json.Decoder(list[_ReplyEnvelope])
 _result_decoders: dict[str, msgspec.json.Decoder[Any]] = {
     name: msgspec.json.Decoder(m.result, dec_hook=dec_hook) for name, m in METHODS.items()
@@ -239,37 +120,56 @@ _result_decoders: dict[str, msgspec.json.Decoder[Any]] = {
 class ClientProtocol:
     """The client half: numbers requests, frames them, splits and decodes replies."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_reply: int = DEFAULT_MAX_REPLY) -> None:
         self._ids = itertools.count(1)
-        self._splitter = FrameSplitter(max_frame)
+        self._splitter = FrameSplitter(max_reply)
+        self.notifications: list[Notification] = []
 
-    def request(self, method: str, params: Params) -> tuple[int, bytes]:
+    def request(self, method: Method[P, Any], params: P) -> tuple[int, bytes]:
         """A new request id and the line to send."""
-        if method not in METHODS:
-            raise MethodNotFound(f"method not found: {method!r}")
         id_ = next(self._ids)
-        line = b'{"jsonrpc":"2.0","id":%d,"method":"%s","params":' % (id_, method.encode())
+        line = b'{"jsonrpc":"2.0","id":%d,"method":"%s","params":' % (id_, method.name.encode())
         return id_, line + _encoder.encode(params) + b"}\n"
 
+    def batch(self, calls: list[tuple[Method[Any, Any], Params]]) -> tuple[list[int], bytes]:
+        """Ids and the one line of a batch of requests."""
+        ids: list[int] = []
+        parts: list[bytes] = []
+        for method, params in calls:
+            id_, line = self.request(method, params)
+            ids.append(id_)
+            parts.append(line[:-1])
+        return ids, b"[" + b",".join(parts) + b"]\n"
+
     def receive_data(self, data: bytes) -> list[Reply]:
-        """Feed received bytes; return the replies completed by them."""
+        """Feed received bytes; return the replies completed by them.
+
+        Notifications among them (on a connection with a watch) are kept in
+        ``notifications``, in order, for the caller to take.
+        """
         replies: list[Reply] = []
         for line in self._splitter.feed(data):
             try:
-                if line.lstrip()[:1] == b"[":
-                    envs = _replies_decoder.decode(line)
-                else:
-                    envs = [_reply_decoder.decode(line)]
+                envs = _replies_decoder.decode(line) if line.lstrip()[:1] == b"[" else [_reply_decoder.decode(line)]
             except msgspec.DecodeError:
-                raise InvalidRequest("the agent sent a malformed reply") from None
+                try:
+                    note = _notification_decoder.decode(line)
+                except msgspec.DecodeError:
+                    raise InvalidRequest("the agent sent a malformed reply") from None
+                self.notifications.append(Notification(note.method, note.params))
+                continue
             for env in envs:
-                err = error_for_code(env.error.code, env.error.message) if env.error else None
+                err = None
+                if env.error is not None:
+                    extra = env.error.data
+                    err = error_for_code(env.error.code, env.error.message,
+                                         extra.reason if extra is not None else None)
                 replies.append(Reply(env.id, env.result, err))
         if self._splitter.oversize:
-            raise InvalidRequest("the agent sent a reply over the frame limit")
+            raise InvalidRequest("the agent sent a reply over the client's size limit")
         return replies
 
     @staticmethod
-    def decode_result(method: str, raw: msgspec.Raw) -> Any:
+    def decode_result(method: Method[Any, R], raw: msgspec.Raw) -> R:
         """The typed result of ``method`` from a reply's raw result."""
-        return _result_decoders[method].decode(raw)
+        return cast(R, _result_decoders[method.name].decode(raw))

@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from homeagent_secrets.daemon.backend import Backend
-from homeagent_secrets.daemon.datakey import KdfParams
-from homeagent_secrets.daemon.filestore import FileBackend
+from homeagent_secrets.daemon.backends.base import Backend
+from homeagent_secrets.daemon.backends.datakey import KdfParams
+from homeagent_secrets.daemon.backends.files import FileBackend
 from homeagent_secrets.protocol.secret import Secret
 
 
@@ -29,7 +29,7 @@ async def file_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
 
 @asynccontextmanager
 async def _on_gnome_keyring(tmp: Path, request: Any, store_factory: Callable[[], Any]) -> AsyncIterator[Backend]:
-    from homeagent_secrets.daemon.keychain import KeychainBackend
+    from homeagent_secrets.daemon.backends.keychain import KeychainBackend
 
     from .keyringd import gnome_keyring
 
@@ -46,7 +46,7 @@ async def _on_gnome_keyring(tmp: Path, request: Any, store_factory: Callable[[],
 
 def keychain_backend(tmp: Path, request: Any) -> Any:
     """The Secret Service store (kept-open connection) on a real GNOME Keyring."""
-    from homeagent_secrets.daemon.keychain import SecretServiceStore
+    from homeagent_secrets.daemon.backends.keychain_store import SecretServiceStore
 
     return _on_gnome_keyring(tmp, request, SecretServiceStore)
 
@@ -55,7 +55,7 @@ def keychain_keyring_api_backend(tmp: Path, request: Any) -> Any:
     """The generic keyring-API store (what macOS/Windows use) on the same real keyring."""
     from keyring.backends.SecretService import Keyring
 
-    from homeagent_secrets.daemon.keychain import KeyringStore
+    from homeagent_secrets.daemon.backends.keychain_store import KeyringStore
 
     return _on_gnome_keyring(tmp, request, lambda: KeyringStore(Keyring()))
 
@@ -65,12 +65,14 @@ async def openbao_backend(tmp: Path, request: Any) -> AsyncIterator[Backend]:
     """A real OpenBao dev server (one per session), a fresh KV prefix per test."""
     import uuid
 
-    from homeagent_secrets.daemon.openbao import OpenBaoBackend, OpenBaoSettings
+    from homeagent_secrets.daemon.backends.openbao import OpenBaoBackend
+
+    from .baoserver import bao_settings
 
     server = request.getfixturevalue("bao_dev")
     token = tmp / "bao-token"
     token.write_text(server.root_token + "\n")
-    b = OpenBaoBackend(OpenBaoSettings(addresses=(server.address,), token_file=str(token),
+    b = OpenBaoBackend(bao_settings(address=server.address, token_file=str(token),
                                        prefix=f"contract-{uuid.uuid4().hex[:8]}/"))
     await b.open()
     try:

@@ -17,10 +17,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from homeagent_secrets.daemon.settings import OpenBaoOptions
 
 from .conftest import require_real
 
 ROOT_TOKEN = "root-token-for-tests"
+
+
+def bao_settings(address: str, **kw: Any) -> OpenBaoOptions:
+    """The OpenBao backend's settings, as a config file would give them (without the prefix)."""
+    return OpenBaoOptions(openbao_address=[address], **{f"openbao_{k}": v for k, v in kw.items()})
+
+
+def token_file(base: Path, token: str = ROOT_TOKEN) -> Path:
+    path = base / "bao-token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def bao_binary() -> str:

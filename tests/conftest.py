@@ -13,11 +13,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 REQUIRE_REAL = os.environ.get("HOMEAGENT_REQUIRE_REAL") == "1"
 TEST_SCRYPT_N = 1024  # the rest of the suite runs scrypt cheaply; one test pins the defaults
+# Every process the tests start inherits this mark, so the end of the run can
+# find any that a test failed to stop (and fail the run for it).
+RUN_MARK = "HOMEAGENT_TEST_RUN"
+os.environ.setdefault(RUN_MARK, f"{os.getpid()}-{time.time_ns()}")
 
 
 def require_real(available: bool, what: str) -> None:
@@ -70,7 +75,13 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None, tim
 
 @dataclass
 class Daemon:
-    """A running secretsd subprocess on a temporary home."""
+    """A running secretsd subprocess on a temporary home.
+
+    Every started daemon is registered; the autouse ``_stop_daemons`` fixture
+    stops whatever is still running when its test ends, pass or fail.
+    """
+
+    live: ClassVar[dict[int, Daemon]] = {}  # by id(): subclasses may be unhashable dataclasses
 
     home: Path
     socket: Path
@@ -91,8 +102,18 @@ class Daemon:
         env = {**os.environ, **self.env}
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=self._logf, env=env)
+        Daemon.live[id(self)] = self
         wait_for_socket(self.socket, self.proc)
         return self
+
+    def kill(self) -> None:
+        """Stop it at once (teardown): SIGKILL, reap, close the log."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if getattr(self, "_logf", None) is not None and not self._logf.closed:
+            self._logf.close()
+        Daemon.live.pop(id(self), None)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         assert self.proc is not None
@@ -100,6 +121,7 @@ class Daemon:
             self.proc.send_signal(sig)
         rc = self.proc.wait(timeout)
         self._logf.close()
+        Daemon.live.pop(id(self), None)
         return rc
 
     def restart(self) -> Daemon:
@@ -136,9 +158,51 @@ def daemon_factory(short_tmp: Path) -> Iterator[object]:
 
     yield make
     for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+        d.kill()
+
+
+@pytest.fixture(autouse=True)
+def _stop_daemons() -> Iterator[None]:
+    """Stop every daemon a test started, however it made it, pass or fail."""
+    yield
+    for d in list(Daemon.live.values()):
+        d.kill()
+
+
+def _leftovers() -> list[str]:
+    """Processes still running that carry this run's mark (started by a test)."""
+    mark = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
+    mine = {os.getpid(), os.getppid()}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in mine:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue  # gone, or not ours to read
+        if cmd:
+            found.append(f"pid {entry}: {cmd[:160]}")
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any process a test started is still running (and stop it)."""
+    left = _leftovers()
+    if not left:
+        return
+    for line in left:
+        try:
+            os.kill(int(line.split()[1].rstrip(":")), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    print("\nprocesses started by the tests were still running at the end (now killed):\n  "
+          + "\n  ".join(left), file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
@@ -177,14 +241,19 @@ def throwaway_user() -> Iterator[tuple[int, int]]:
         subprocess.run(["userdel", name], capture_output=True)
 
 
-def run_as(uid: int, gid: int, fn, timeout: float = 10.0) -> bytes:  # type: ignore[no-untyped-def]
-    """Run ``fn() -> bytes`` in a forked child with another uid; return what it produced."""
+def run_as(uid: int, gid: int, fn, timeout: float = 10.0,  # type: ignore[no-untyped-def]
+           groups: list[int] | None = None) -> bytes:
+    """Run ``fn() -> bytes`` in a forked child with another uid; return what it produced.
+
+    Forked, not exec'ed: the test interpreter lives under /root, which other
+    users cannot enter (CI's Python does too).
+    """
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: drop to the other user, no exec needed
         os.close(r)
         try:
-            os.setgroups([])
+            os.setgroups(groups or [])
             os.setgid(gid)
             os.setuid(uid)
             out = fn()
@@ -208,3 +277,13 @@ def bao_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     with dev_server(tmp_path_factory.mktemp("bao")) as server:
         server.root_token = ROOT_TOKEN  # type: ignore[attr-defined]
         yield server
+
+
+@pytest.fixture
+def keyring_env(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """A real GNOME Keyring on a private session bus, for this test only."""
+    from .keyringd import gnome_keyring
+
+    with gnome_keyring(short_tmp) as env:
+        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", env["DBUS_SESSION_BUS_ADDRESS"])
+        yield env

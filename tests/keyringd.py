@@ -84,7 +84,7 @@ def gnome_keyring(base: Path) -> Iterator[dict[str, str]]:
     bus = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile",
                             "--print-address=1"],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    procs = [bus]
+    procs: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = [bus]
     try:
         address = bus.stdout.readline().strip()  # type: ignore[union-attr]
         assert address, "dbus-daemon printed no address"

@@ -6,13 +6,15 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from homeagent_secrets.daemon import datakey, records
-from homeagent_secrets.daemon.datakey import KdfParams
-from homeagent_secrets.daemon.filestore import WRAPPED_KEY_FILE, FileBackend
+
+from homeagent_secrets.daemon.backends import datakey, records
+from homeagent_secrets.daemon.backends.datakey import KdfParams
+from homeagent_secrets.daemon.backends.files import WRAPPED_KEY_FILE, FileBackend
 from homeagent_secrets.protocol.errors import (
     AlreadyInitializedError,
     CorruptRecordError,
@@ -87,7 +89,7 @@ async def test_no_plaintext_name_or_value_anywhere_on_disk(tmp_path: Path) -> No
     b = await make(tmp_path)
     names = ["provider/hue-bridge-token", "llm/anthropic-key"]
     values = ["VALUE-canary-7f3a9", "sk-ant-CANARY-0042"]
-    for n, v in zip(names, values):
+    for n, v in zip(names, values, strict=False):
         await b.store(n, Secret(v), "llm")
         await b.rotate(n, Secret(v + "-rotated"))
     await b.change_passphrase(PW, Secret("PASSPHRASE-canary-new"))
@@ -178,10 +180,11 @@ async def test_tampered_record_fails_with_its_file_named_and_others_work(tmp_pat
     assert got is not None and got.value == Secret("b")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "meta-bit", "garbage", "empty"])
-async def test_damaged_record_is_skipped_at_unlock_and_logged(
+@pytest.mark.parametrize("damage", ["truncate", "meta-bit", "value-bit", "garbage", "empty"])
+async def test_a_damaged_record_is_an_error_never_an_absent_secret(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """One flipped bit must not make a secret vanish and let the next store replace it."""
     b = await make(tmp_path)
     await b.store("victim", Secret("v"), None)
     await b.store("ok", Secret("fine"), None)
@@ -191,16 +194,33 @@ async def test_damaged_record_is_skipped_at_unlock_and_logged(
     mutated = {
         "truncate": data[:30],
         "meta-bit": data[:20] + bytes([data[20] ^ 0x80]) + data[21:],
+        "value-bit": data[:-5] + bytes([data[-5] ^ 0x01]) + data[-4:],
         "garbage": os.urandom(len(data)),
         "empty": b"",
     }[damage]
     path.write_bytes(mutated)
     await b.lock()
     await b.unlock(PW)
-    assert await b.list("") == ["ok"]
+    for attempt in (b.retrieve("victim"), b.store("victim", Secret("new"), None),
+                    b.rotate("victim", Secret("new")), b.delete("victim")):
+        with pytest.raises(CorruptRecordError, match=fid) as err:
+            await attempt
+        assert "rm --force" in err.value.message and "Secret" not in err.value.message
+    if damage != "value-bit":  # metadata unreadable: the name is known only when asked for
+        with pytest.raises(CorruptRecordError, match=fid):
+            await b.describe("victim")
+        assert await b.list("") == ["ok"]
+    assert path.read_bytes() == mutated  # nothing overwrote the damaged file
+    assert [d.file for d in b.damaged()] == [fid + records.SUFFIX]
     assert fid in caplog.text
-    got = await b.retrieve("ok")
+    got = await b.retrieve("ok")  # the others keep working
     assert got is not None and got.value == Secret("fine")
+    assert await b.store("other", Secret("o"), None) == 1
+    # the operator removes it; then the name is free again
+    assert await b.delete("victim", force=True) is True
+    assert not path.exists() and b.damaged() == []
+    assert await b.retrieve("victim") is None
+    assert await b.store("victim", Secret("again"), None) == 1
 
 
 async def test_record_copied_over_another_name_fails_authentication(tmp_path: Path) -> None:
@@ -212,7 +232,10 @@ async def test_record_copied_over_another_name_fails_authentication(tmp_path: Pa
     await b.lock()
     await b.unlock(PW)
     assert await b.list("") == ["a"]  # b's file now fails: never returns a's value under b
-    assert await b.retrieve("b") is None
+    with pytest.raises(CorruptRecordError, match=fb.name):
+        await b.retrieve("b")
+    got = await b.retrieve("a")
+    assert got is not None and got.value == Secret("value-a")
 
 
 async def test_old_version_put_back_while_running_is_detected(tmp_path: Path) -> None:
@@ -224,7 +247,7 @@ async def test_old_version_put_back_while_running_is_detected(tmp_path: Path) ->
     path.write_bytes(old)
     entry = b._index["r"]
     object.__setattr__(entry, "sealed", None)  # force a read from disk, as for a large record
-    with pytest.raises(CorruptRecordError, match="version"):
+    with pytest.raises(CorruptRecordError, match=r"generation .* replaced behind"):
         await b.retrieve("r")
 
 
@@ -244,7 +267,8 @@ async def test_large_records_are_read_from_disk(tmp_path: Path) -> None:
 
 
 async def test_independent_decryptor_from_format_md(tmp_path: Path) -> None:
-    """Decrypt with nothing but FORMAT.md's description and the cryptography primitives."""
+    """Open a format-2 store with nothing but FORMAT.md and the primitives: wrapped key,
+    subkeys, manifest, record header checked against it, both sections, padding."""
     import hashlib
     import hmac
     import struct
@@ -256,25 +280,70 @@ async def test_independent_decryptor_from_format_md(tmp_path: Path) -> None:
     b = await make(tmp_path)
     await b.store("provider/x", Secret("the value"), "provider")
     await b.rotate("provider/x", Secret("the new value"))
+    await b.store("other/y", Secret("y" * 300), None)
+    await b.close()
+    d = b.dir
 
-    wk = (b.dir / "wrapped-key").read_bytes()
+    # Wrapped-key file: [0, 24) magic through salt is the AD.
+    wk = (d / "wrapped-key").read_bytes()
+    assert len(wk) == 84
     magic, ver, log2n, r, p, salt = struct.unpack(">4sBBBB16s", wk[:24])
-    assert (magic, ver) == (b"HASK", 1)
-    kek = Scrypt(salt=salt, length=32, n=1 << log2n, r=r, p=p).derive(b"pass phrase")
-    dk = AESGCM(kek).decrypt(wk[24:36], wk[36:], wk[:24])
+    assert (magic, ver) == (b"HASK", 2)
+    assert 10 <= log2n <= 22 and r >= 1 and p >= 1
+    assert 128 * (1 << log2n) * r <= 4 << 30 and (1 << log2n) * r * p <= 1 << 25
+    kek = Scrypt(salt=salt, length=32, n=1 << log2n, r=r, p=p).derive("pass phrase".encode("utf-8"))  # noqa: UP012 (P is the UTF-8 bytes)
+    dk = AESGCM(kek).decrypt(wk[24:36], wk[36:84], wk[:24])
 
     def sub(info: bytes) -> bytes:
         return HKDF(hashes.SHA256(), 32, None, info).derive(dk)
 
-    rk, nk = sub(b"homeagent-secrets v1 record encryption"), sub(b"homeagent-secrets v1 name hashing")
-    fid = hmac.new(nk, b"provider/x", hashlib.sha256).hexdigest()
-    rec = (b.dir / f"{fid}.rec").read_bytes()
-    magic, fmt, version, mlen = struct.unpack(">4sBQI", rec[:17])
-    assert (magic, fmt, version) == (b"HASR", 1, 2)
-    hdr = rec[:17]
-    meta = AESGCM(rk).decrypt(rec[17:29], rec[29:17 + mlen], b"homeagent-secrets record meta\x00" + hdr + fid.encode())
-    vals = AESGCM(rk).decrypt(rec[17 + mlen:29 + mlen], rec[29 + mlen:],
-                              b"homeagent-secrets record value\x00" + hdr + fid.encode())
-    name, kind, _created, _updated, prev_version = msgspec.msgpack.decode(meta)
-    assert (name, kind, prev_version) == ("provider/x", "provider", 1)
-    assert msgspec.msgpack.decode(vals) == ["the new value", "the value"]
+    rk = sub(b"homeagent-secrets v2 record encryption")
+    nk = sub(b"homeagent-secrets v2 name hashing")
+    mk = sub(b"homeagent-secrets v2 manifest encryption")
+
+    # Manifest: [0, 5) magic and version are the AD; entries of 57 (final) or 81 bytes.
+    mf = (d / "manifest").read_bytes()
+    assert mf[:5] == b"HASM\x02"
+    pt = AESGCM(mk).decrypt(mf[5:17], mf[17:], b"homeagent-secrets v2 manifest\x00" + mf[:5])
+    generation, count = struct.unpack(">QI", pt[:12])
+    entries, off = {}, 12
+    for _ in range(count):
+        fid_raw, state = pt[off:off + 32], pt[off + 32]
+        rid, gen = struct.unpack(">16sQ", pt[off + 33:off + 57])
+        assert state == 0  # nothing pending once writes are answered
+        entries[fid_raw.hex()] = (rid, gen)
+        off += 57
+    assert off == len(pt) and count == 2 and list(entries) == sorted(entries)
+
+    def bucket(x: int) -> int:
+        if x <= 1 << 20:
+            return max(64, 1 << (x - 1).bit_length())
+        return -(-x // (1 << 20)) * (1 << 20)
+
+    def unpad(buf: bytes) -> bytes:
+        (m,) = struct.unpack(">I", buf[:4])
+        assert len(buf) == bucket(4 + m) and not any(buf[4 + m:])
+        return buf[4:4 + m]
+
+    def read(name: str) -> tuple[list[Any], list[Any]]:  # msgpack decodes to Any
+        fid = hmac.new(nk, name.encode("utf-8"), hashlib.sha256).hexdigest()
+        rec = (d / f"{fid}.rec").read_bytes()
+        magic, fmt, gen, rid, L = struct.unpack(">4sBQ16sI", rec[:33])
+        assert (magic, fmt) == (b"HASR", 2)
+        assert entries[fid] == (rid, gen) and gen <= generation  # what the manifest lists
+        h, f = rec[:33], fid.encode("ascii")
+        meta = AESGCM(rk).decrypt(rec[33:45], rec[45:33 + L], b"homeagent-secrets v2 record meta\x00" + h + f)
+        tag = rec[17 + L:33 + L]
+        vals = AESGCM(rk).decrypt(rec[33 + L:45 + L], rec[45 + L:],
+                                  b"homeagent-secrets v2 record values\x00" + h + f + tag)
+        m, v = msgspec.msgpack.decode(unpad(meta)), msgspec.msgpack.decode(unpad(vals))
+        assert len(m) == 6 and len(v) == 2
+        assert hmac.new(nk, m[0].encode(), hashlib.sha256).hexdigest() == fid
+        return m, v
+
+    (name, kind, created, updated, version, has_previous), values = read("provider/x")
+    assert (name, kind, version, has_previous) == ("provider/x", "provider", 2, True)
+    assert isinstance(created, float) and updated >= created
+    assert values == ["the new value", "the value"]
+    meta_y, values_y = read("other/y")
+    assert meta_y[4:] == [1, False] and values_y == ["y" * 300, None]

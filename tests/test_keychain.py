@@ -7,36 +7,25 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest
+
 from homeagent_secrets.client import SecretsClient
-from homeagent_secrets.daemon.keychain import (
-    INDEX,
-    STATE_PREFIX,
-    KeychainBackend,
-    SecretServiceStore,
-    Store,
-)
+from homeagent_secrets.daemon.backends.keychain import INDEX, STATE_PREFIX, KeychainBackend
+from homeagent_secrets.daemon.backends.keychain_store import SecretServiceStore, Store
 from homeagent_secrets.protocol.errors import (
     BackendUnavailableError,
     LockedError,
     NotSupportedError,
 )
+from homeagent_secrets.protocol.names import Kind
 from homeagent_secrets.protocol.secret import Secret
 
 from .conftest import PASSPHRASE, Daemon, require_tool
-from .keyringd import gnome_keyring
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def keyring_env(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    with gnome_keyring(short_tmp) as env:
-        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", env["DBUS_SESSION_BUS_ADDRESS"])
-        yield env
 
 
 def secret_tool(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -138,7 +127,7 @@ class FailingStore(Store):
         self._step()
         return self.inner.delete(account)
 
-    def accounts(self) -> set[str]:
+    def accounts(self) -> AbstractSet[str]:
         return self.inner.accounts()
 
     def close(self) -> None:
@@ -151,6 +140,7 @@ def _wipe(store: SecretServiceStore) -> None:
     store._paths.clear()
 
 
+@pytest.mark.slow
 async def test_a_failure_at_any_step_loses_nothing_and_list_is_right_after_restart(
     keyring_env: dict[str, str],
 ) -> None:
@@ -161,7 +151,7 @@ async def test_a_failure_at_any_step_loses_nothing_and_list_is_right_after_resta
     for fail_at in range(1, 30):
         _wipe(cleaner)
         store = FailingStore(fail_at)
-        b = KeychainBackend(lambda: store)
+        b = KeychainBackend(lambda s=store: s)  # type: ignore[misc]
         await b.open()
         model: dict[str, tuple[str, str | None]] = {}  # acknowledged: name -> (current, previous)
         in_flight = None
@@ -215,6 +205,7 @@ async def test_a_failure_at_any_step_loses_nothing_and_list_is_right_after_resta
 # --- the daemon: auto-detection, the recorded choice, migration ------------------------------------
 
 
+@pytest.mark.slow
 def test_auto_picks_keychain_with_a_keyring_and_file_without(short_tmp: Path, keyring_env: dict[str, str]) -> None:
     d = keychain_daemon(short_tmp, keyring_env, "--backend", "auto").start()
     st = SecretsClient(d.socket).status()
@@ -234,6 +225,7 @@ def test_auto_picks_keychain_with_a_keyring_and_file_without(short_tmp: Path, ke
     f.stop()
 
 
+@pytest.mark.slow
 def test_recorded_choice_survives_a_start_without_dbus(short_tmp: Path, keyring_env: dict[str, str]) -> None:
     d = keychain_daemon(short_tmp, keyring_env, "--backend", "auto").start()
     with SecretsClient(d.socket) as c:
@@ -255,9 +247,10 @@ def test_recorded_choice_survives_a_start_without_dbus(short_tmp: Path, keyring_
 
 
 def _fill(c: SecretsClient) -> dict[str, tuple[str, str | None, str]]:
-    want = {}
+    want: dict[str, tuple[str, str | None, str]] = {}
+    kinds: tuple[Kind, ...] = ("provider", "llm", "device")
     for i in range(6):
-        name, kind = f"m/{i}", ("provider", "llm", "device")[i % 3]
+        name, kind = f"m/{i}", kinds[i % 3]
         c.store(name, f"v{i}-1", kind=kind)
         prev = None
         if i % 2:
@@ -276,6 +269,7 @@ def _check(c: SecretsClient, want: dict[str, tuple[str, str | None, str]]) -> No
         assert info is not None and info.kind == kind and info.has_previous == (prev is not None)
 
 
+@pytest.mark.slow
 def test_migrate_keychain_to_file_killed_midway_then_rerun(short_tmp: Path, keyring_env: dict[str, str]) -> None:
     pw = short_tmp / "pw"
     pw.write_text(PASSPHRASE)
@@ -310,6 +304,7 @@ def test_migrate_keychain_to_file_killed_midway_then_rerun(short_tmp: Path, keyr
         _check(c, want)
 
 
+@pytest.mark.slow
 def test_migrate_file_to_keychain_killed_after_switch_then_rerun(short_tmp: Path, keyring_env: dict[str, str]) -> None:
     pw = short_tmp / "pw"
     pw.write_text(PASSPHRASE)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import anyio
-from homeagent_secrets.protocol.names import name_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from homeagent_secrets.protocol.names import name_problem
 
 from .memory import MemoryPair
 
@@ -24,30 +23,28 @@ any_values = st.text(max_size=300)  # all of Unicode, lone surrogates included
 
 def _run(names_values: list[tuple[str, str]]) -> None:
     async def go() -> None:
-        with tempfile.TemporaryDirectory() as d:
-            pair = await MemoryPair(Path(d) / "h").open()
-            await pair.server_receive(b'{"jsonrpc":"2.0","id":0,"method":"init","params":{"passphrase":"p"}}\n')
-            for i, (name, value) in enumerate(names_values):
-                req = json.dumps({"jsonrpc": "2.0", "id": i, "method": "store",
-                                  "params": {"name": name, "value": value}})
-                got = json.loads(await pair.server_receive(req.encode() + b"\n"))
-                valid_text = True
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    valid_text = False
-                if name_problem(name) is None and valid_text:
-                    assert "result" in got, got
-                    back = json.loads(await pair.server_receive(json.dumps(
-                        {"jsonrpc": "2.0", "id": i, "method": "retrieve", "params": {"name": name}}
-                    ).encode() + b"\n"))
-                    assert back["result"]["value"] == value
-                elif not valid_text:  # a lone surrogate escape: msgspec refuses the JSON itself
-                    assert got["error"]["code"] in (-32602, -32700), got
-                else:
-                    assert got["error"]["code"] == -32602, got
-                    # (short values can occur in any text by chance)
-                    assert len(value) < 6 or value not in got["error"]["message"]
+        pair = MemoryPair()
+        for i, (name, value) in enumerate(names_values):
+            req = json.dumps({"jsonrpc": "2.0", "id": i, "method": "store",
+                              "params": {"name": name, "value": value}})
+            got = json.loads(await pair.server_receive(req.encode() + b"\n"))
+            valid_text = True
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                valid_text = False
+            if name_problem(name) is None and valid_text:
+                assert "result" in got, got
+                back = json.loads(await pair.server_receive(json.dumps(
+                    {"jsonrpc": "2.0", "id": i, "method": "retrieve", "params": {"name": name}}
+                ).encode() + b"\n"))
+                assert back["result"]["value"] == value
+            elif not valid_text:  # a lone surrogate escape: msgspec refuses the JSON itself
+                assert got["error"]["code"] == -32700, got
+            else:
+                assert got["error"]["code"] == -32602, got
+                # (short values can occur in any text by chance)
+                assert len(value) < 6 or value not in got["error"]["message"]
     anyio.run(go)
 
 

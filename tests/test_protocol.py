@@ -7,10 +7,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from homeagent_secrets.protocol import errors
-from homeagent_secrets.protocol.framing import FrameSplitter
+from homeagent_secrets.protocol import messages as m
+from homeagent_secrets.protocol.framing import MAX_BATCH, FrameSplitter
 from homeagent_secrets.protocol.messages import (
-    METHODS,
+    DeleteParams,
     NameParams,
     PassphraseParams,
     RetrieveParams,
@@ -18,6 +20,7 @@ from homeagent_secrets.protocol.messages import (
 )
 from homeagent_secrets.protocol.rpc import ClientProtocol
 from homeagent_secrets.protocol.secret import Secret
+from homeagent_secrets.protocol.server import has_duplicate_keys
 
 from .memory import MemoryPair
 
@@ -55,10 +58,8 @@ def test_splitter_returns_lines_before_an_oversize_one() -> None:
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> MemoryPair:
-    p = await MemoryPair(tmp_path / "home").open()
-    await p.dispatcher.agent.backend.init(Secret("pw"))
-    return p
+def pair() -> MemoryPair:
+    return MemoryPair()
 
 
 async def answer(pair: MemoryPair, text: str | bytes) -> object:
@@ -81,7 +82,7 @@ async def test_spec_positional_params_are_invalid_params(pair: MemoryPair) -> No
 
 async def test_spec_notification_runs_but_is_not_answered(pair: MemoryPair) -> None:
     assert await answer(pair, '{"jsonrpc":"2.0","method":"store","params":{"name":"n","value":"v"}}') is None
-    assert await pair.backend.list("") == ["n"]
+    assert list(pair.store.records) == ["n"]
     assert await answer(pair, '{"jsonrpc":"2.0","method":"foobar"}') is None
 
 
@@ -112,7 +113,7 @@ async def test_spec_empty_batch_is_one_invalid_request(pair: MemoryPair) -> None
     assert isinstance(got, dict) and got["error"]["code"] == -32600
 
 
-@pytest.mark.parametrize("batch, n", [("[1]", 1), ("[1,2,3]", 3)])
+@pytest.mark.parametrize(('batch', 'n'), [("[1]", 1), ("[1,2,3]", 3)])
 async def test_spec_invalid_batch_items_each_answered(pair: MemoryPair, batch: str, n: int) -> None:
     got = await answer(pair, batch)
     assert isinstance(got, list) and len(got) == n
@@ -143,13 +144,13 @@ async def test_spec_batch_of_notifications_gets_no_reply(pair: MemoryPair) -> No
         {"jsonrpc": "2.0", "method": "store", "params": {"name": "z1", "value": "1"}},
         {"jsonrpc": "2.0", "method": "status"},
     ])) is None
-    assert await pair.backend.list("z") == ["z1"]
+    assert list(pair.store.records) == ["z1"]
 
 
 # --- our own rules --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("line, code", [
+@pytest.mark.parametrize(('line', 'code'), [
     (b'{"jsonrpc":"1.0","method":"status","id":1}', -32600),
     (b'{"jsonrpc":"2.0","method":"status","id":1.5}', -32600),
     (b'{"jsonrpc":"2.0","method":"status","id":[1]}', -32600),
@@ -185,16 +186,33 @@ async def test_error_messages_never_echo_the_value(pair: MemoryPair) -> None:
 
 
 async def test_client_and_server_halves_round_trip_every_method(pair: MemoryPair) -> None:
-    assert (await pair.call("store", StoreParams("svc/token", Secret("t1"), "provider"))).version == 1
-    assert (await pair.call("retrieve", RetrieveParams("svc/token"))).value == Secret("t1")
-    assert (await pair.call("describe", NameParams("svc/token"))).kind == "provider"
-    assert await pair.call("list", METHODS["list"].params()) == ["svc/token"]
+    assert (await pair.call(m.STORE, StoreParams("svc/token", Secret("t1"), "provider"))).version == 1
+    assert (await pair.call(m.ROTATE, m.RotateParams("svc/token", Secret("t2")))).version == 2
+    assert (await pair.call(m.RETRIEVE, RetrieveParams("svc/token"))).value == Secret("t2")
+    assert (await pair.call(m.RETRIEVE, RetrieveParams("svc/token", "previous"))).value == Secret("t1")
+    assert (await pair.call(m.DESCRIBE, NameParams("svc/token"))).kind == "provider"
+    assert await pair.call(m.LIST, m.ListParams()) == ["svc/token"]
+    assert await pair.call(m.LIST, m.ListParams(after="svc/token")) == []
     with pytest.raises(errors.WrongPassphraseError):
-        await pair.call("unlock", PassphraseParams(Secret("nope")))
-    status = await pair.call("status", METHODS["status"].params())
-    assert status.secrets == 1 and not status.locked and status.backend == "file"
-    assert await pair.call("delete", NameParams("svc/token")) is True
-    assert await pair.call("retrieve", RetrieveParams("svc/token")) is None
+        await pair.call(m.UNLOCK, PassphraseParams(Secret("nope")))
+    with pytest.raises(errors.WrongPassphraseError):
+        await pair.call(m.CHANGE_PASSPHRASE, m.ChangePassphraseParams(Secret("nope"), Secret("new")))
+    with pytest.raises(errors.AlreadyInitializedError):
+        await pair.call(m.INIT, m.InitParams(Secret("another")))
+    with pytest.raises(errors.NotSupportedError):
+        await pair.call(m.MIGRATE, m.MigrateParams("file", Secret("pw")))
+    assert (await pair.call(m.WHOAMI, m.NoParams())).rights[0].names == ["**"]
+    with pytest.raises(errors.NotSupportedError):
+        await pair.call(m.REKEY, m.RekeyParams(Secret("pw"), Secret("new")))
+    status = await pair.call(m.STATUS, m.NoParams())
+    assert status.secrets == 1 and not status.locked and status.backend == "memory"
+    assert (await pair.call(m.LOCK, m.NoParams())).locked is True
+    with pytest.raises(errors.LockedError):
+        await pair.call(m.RETRIEVE, RetrieveParams("svc/token"))
+    await pair.call(m.UNLOCK, PassphraseParams(Secret("pw")))
+    assert await pair.call(m.DELETE, DeleteParams("svc/token")) is True
+    assert await pair.call(m.RETRIEVE, RetrieveParams("svc/token")) is None
+    assert {mt.name for mt in m.METHODS.values() if not mt.connection} <= pair.store.answered
 
 
 def test_client_decodes_pipelined_and_batched_replies() -> None:
@@ -210,7 +228,7 @@ def test_client_decodes_pipelined_and_batched_replies() -> None:
 def test_secret_type_is_redacted_everywhere() -> None:
     s = Secret("hunter2")
     p = StoreParams("a", s)
-    for text in (repr(s), str(s), f"{s}", repr(p), str([p]), "%s %r" % (s, s)):
+    for text in (repr(s), str(s), f"{s}", repr(p), str([p]), "%s %r" % (s, s)):  # noqa: UP031 -- the old operator is what is checked
         assert "hunter2" not in text
     with pytest.raises(TypeError):
         hash(s)
@@ -220,9 +238,14 @@ def test_secret_type_is_redacted_everywhere() -> None:
 
 
 def test_every_error_class_has_a_distinct_code_and_an_actionable_default() -> None:
-    for code in (-32700, -32600, -32601, -32602, -32603, *range(-32001, -32010)):
-        err = errors.error_for_code(code, "m")
-        assert err.code == code
+    documented = (-32700, -32600, -32601, -32602, -32603, *range(-32009, -32000))
+    classes = [type(errors.error_for_code(code, "m")) for code in documented]
+    assert errors.SecretsError not in classes  # every documented code has its own class...
+    assert len(set(classes)) == len(documented)  # ...and no two share one
+    for code, cls in zip(documented, classes, strict=True):
+        assert cls.code == code and cls.default_message
+    unknown = errors.error_for_code(-31999, "m")
+    assert type(unknown) is errors.SecretsError and unknown.code == -31999
     assert "secretsctl unlock" in errors.LockedError().message
     assert "secretsctl init" in errors.NotInitializedError().message
 
@@ -231,3 +254,108 @@ def test_msgspec_decode_of_params_uses_redacted_secrets() -> None:
     p = msgspec.json.decode(b'{"passphrase":"pw"}', type=PassphraseParams,
                             dec_hook=__import__("homeagent_secrets.protocol.secret", fromlist=["x"]).dec_hook)
     assert isinstance(p.passphrase, Secret) and "pw" not in repr(p)
+
+
+# --- duplicate keys, batch size, passphrases --------------------------------------------
+
+
+@pytest.mark.parametrize("line", [
+    b'{"jsonrpc":"2.0","method":"status","method":"lock","id":1}',
+    b'{"jsonrpc":"2.0","method":"lock","id":1,"id":2}',
+    b'{"jsonrpc":"2.0","method":"retrieve","id":1,"params":{"name":"a","name":"b"}}',
+    b'{"jsonrpc":"2.0","method":"retrieve","id":1,"params":{"name":"a","na\\u006de":"b"}}',
+    b'{"jsonrpc":"2.0","method":"retrieve","id":1,"params":{"name":"a", "name" :"b"}}',
+    b'{"jsonrpc":"2.0","method":"status","id":1,"method" :"lock"}',
+    b'{"jsonrpc":"2.0","method":"status","id":1,"method"\t:"lock"}',
+    b'{"jsonrpc":"2.0","jsonrpc":"2.0","method":"status","id":1}',
+    b'{"jsonrpc":"2.0","method":"nope","method":"status","id":1}',
+])
+async def test_a_repeated_key_is_an_invalid_request(pair: MemoryPair, line: bytes) -> None:
+    got = await answer(pair, line)
+    assert isinstance(got, dict) and got["error"]["code"] == -32600, got
+    assert "repeats a key" in got["error"]["message"]
+    assert pair.store.answered == set()  # nothing ran: not the first, not the last
+
+
+@pytest.mark.parametrize("line", [
+    b'{"jsonrpc":"2.0","method":"retrieve","id":1,"params":{"name":"method"}}',
+    b'{"jsonrpc":"2.0","method":"retrieve","id":1,"params":{"name":"a","version":"current"}}',
+    b'{ "jsonrpc" : "2.0" , "method" : "status" , "id" : 1 }',
+    b'{"jsonrpc":"2.0","method":"store","id":1,"params":{"name":"a","value":"x\\":\\"y: \\"id\\":"}}',
+    b'{"jsonrpc":"2.0","method":"status","params":{},"id":1}',
+    b'{"jsonrpc":"2.0","method":"list","params":{"prefix":"","after":"","limit":5},"id":null}',
+])
+async def test_lines_without_repeated_keys_are_served(pair: MemoryPair, line: bytes) -> None:
+    got = await answer(pair, line)
+    assert isinstance(got, dict) and "result" in got, got
+
+
+@pytest.mark.slow
+def test_duplicate_key_detection_matches_a_full_parse() -> None:
+    """The fast path (no backslash, every ':' ends a key) agrees with json's own parse."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(["jsonrpc", "method", "params", "id", "name", "value", "x"])
+    obj = st.lists(st.tuples(keys, st.one_of(st.text(max_size=5), st.integers())), max_size=6)
+
+    @settings(max_examples=300, deadline=None)
+    @given(outer=obj, inner=obj, spaced=st.booleans())
+    def check(outer: list[tuple[str, object]], inner: list[tuple[str, object]], spaced: bool) -> None:
+        sep = " : " if spaced else ":"
+        def enc(pairs: list[tuple[str, object]], nested: str = "") -> str:
+            parts = [json.dumps(k) + sep + json.dumps(v) for k, v in pairs]
+            if nested:
+                parts.append('"params"' + sep + nested)
+            return "{" + ",".join(parts) + "}"
+        line = enc(outer, enc(inner)).encode()
+        repeated = len({k for k, _ in outer} | ({"params"} if True else set())) != len(outer) + 1 \
+            or len({k for k, _ in inner}) != len(inner)
+        repeated = (len([k for k, _ in outer] + ["params"]) != len({k for k, _ in outer} | {"params"})
+                    or len([k for k, _ in inner]) != len({k for k, _ in inner}))
+        assert has_duplicate_keys(line) == repeated
+
+    check()
+
+
+async def test_a_batch_over_the_limit_is_one_invalid_request(pair: MemoryPair) -> None:
+    one = {"jsonrpc": "2.0", "method": "status", "id": 1}
+    assert isinstance(await answer(pair, json.dumps([one] * MAX_BATCH)), list)
+    got = await answer(pair, json.dumps([one] * (MAX_BATCH + 1)))
+    assert isinstance(got, dict) and got["error"]["code"] == -32600
+    assert f"at most {MAX_BATCH}" in got["error"]["message"]
+
+
+async def test_a_lone_surrogate_escape_is_a_parse_error_as_documented(pair: MemoryPair) -> None:
+    got = await answer(pair, b'{"jsonrpc":"2.0","method":"store","id":1,"params":{"name":"a","value":"\\ud800"}}')
+    assert isinstance(got, dict) and got["error"]["code"] == -32700
+    doc = " ".join((Path(__file__).parents[1] / "protocol" / "PROTOCOL.md").read_text().split())
+    assert "lone surrogate" in doc and "-32700" in doc.split("lone surrogate")[1][:200]
+
+
+@pytest.mark.parametrize(('method', 'params', 'code', 'words'), [
+    ("init", {"passphrase": ""}, -32602, "must not be empty"),
+    ("init", {"passphrase": "pw\npw"}, -32602, "control characters"),
+    ("init", {"passphrase": "x" * 1025}, -32602, "1024 bytes"),
+    ("change_passphrase", {"old": "pw", "new": ""}, -32602, "must not be empty"),
+    ("change_passphrase", {"old": "pw", "new": "a\tb"}, -32602, "control characters"),
+    ("migrate", {"to": "file", "passphrase": ""}, -32602, "must not be empty"),
+    ("migrate", {"to": "file", "passphrase": "two\nlines"}, -32602, "control characters"),
+    ("unlock", {"passphrase": ""}, -32602, "must not be empty"),
+])
+async def test_passphrases_follow_one_rule_everywhere(
+    pair: MemoryPair, method: str, params: dict[str, str], code: int, words: str
+) -> None:
+    got = await answer(pair, json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}))
+    assert isinstance(got, dict) and got["error"]["code"] == code and words in got["error"]["message"]
+    for value in params.values():
+        if len(value) > 3:
+            assert value not in got["error"]["message"]
+
+
+async def test_an_old_passphrase_with_a_newline_can_still_unlock(pair: MemoryPair) -> None:
+    """Only new passphrases refuse control characters: a store made before can be opened."""
+    pair.store.passphrase = "made\tbefore"
+    got = await answer(pair, json.dumps({"jsonrpc": "2.0", "id": 1, "method": "unlock",
+                                         "params": {"passphrase": "made\tbefore"}}))
+    assert isinstance(got, dict) and got["result"] == {"locked": False}

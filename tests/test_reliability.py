@@ -19,6 +19,7 @@ from .conftest import PASSPHRASE, Daemon, require_real
 CI_KILLS = int(os.environ.get("HOMEAGENT_CRASH_KILLS", "200"))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing() -> None:
     from .crash_harness import run
 
@@ -63,6 +64,7 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_disk_full_and_read_only_are_clear_errors_and_lose_nothing(tiny_fs: Path, short_tmp: Path) -> None:
     d = Daemon(tiny_fs / "home", short_tmp / "fs.sock", short_tmp / "fs.log").start()
     c = SecretsClient(d.socket)
@@ -103,6 +105,7 @@ def test_disk_full_and_read_only_are_clear_errors_and_lose_nothing(tiny_fs: Path
 # --- hostile connection patterns ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_slowloris_and_connect_flood_do_not_starve_a_real_client(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     import socket
     import threading
@@ -179,6 +182,7 @@ def test_slowloris_and_connect_flood_do_not_starve_a_real_client(daemon_factory)
 # --- nothing leaks ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_canaries_never_leak_to_proc_logs_errors_or_core_files(daemon_factory, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
     import signal
     import sys
@@ -232,12 +236,14 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_soak_64_connections_mixed_load(daemon_factory, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
     import json
     import random
 
     cc = shutil.which("cc") or shutil.which("gcc")
     require_real(cc is not None, "a C compiler for the load generator")
+    assert cc is not None
     exe = short_tmp / "loadgen"
     subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).parent / "bench" / "loadgen.c")], check=True)
     d: Daemon = daemon_factory("--log-level", "WARNING", name="soak")
@@ -295,6 +301,7 @@ def test_soak_64_connections_mixed_load(daemon_factory, short_tmp: Path) -> None
 # --- fuzzing ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fuzz_frame_splitter_and_request_decoder(short_tmp: Path) -> None:
     import sys
 
@@ -323,7 +330,8 @@ def _payload(send: object) -> bytes:
     assert isinstance(send, dict)
     if "hex" in send:
         return bytes.fromhex(send["hex"])
-    return (send.get("prefix", "") + send["repeat"] * send["times"] + send.get("suffix", "")).encode()
+    text: str = send.get("prefix", "") + send["repeat"] * send["times"] + send.get("suffix", "")  # JSON: Any
+    return text.encode()
 
 
 def test_bad_message_corpus_gets_the_right_answers_while_others_are_served(unlocked: Daemon) -> None:
@@ -379,6 +387,7 @@ def test_bad_message_corpus_gets_the_right_answers_while_others_are_served(unloc
 # --- access ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_modes_loosened_while_running_are_restored(daemon_factory, short_tmp: Path) -> None:  # type: ignore[no-untyped-def]
     import stat
     import time
@@ -404,9 +413,11 @@ def test_modes_loosened_while_running_are_restored(daemon_factory, short_tmp: Pa
     assert "loosened to mode 755 while running" in d.log_text()
 
 
+@pytest.mark.slow
 def test_failed_fsync_is_a_failed_write_never_a_false_success(short_tmp: Path) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     require_real(cc is not None, "a C compiler for the fsync fault shim")
+    assert cc is not None
     shim = short_tmp / "failing_fsync.so"
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), str(Path(__file__).parent / "sandbox" / "failing_fsync.c"),
                     "-ldl"], check=True)

@@ -21,12 +21,13 @@ from homeagent_secrets.protocol.errors import (
     ValueTooLargeError,
     WrongPassphraseError,
 )
+from homeagent_secrets.protocol.names import Kind
 
 from .conftest import Daemon
 
 names = st.sampled_from(["a", "b", "svc/token", "llm/x", "dev/lock"])
-values = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # valid Unicode text
-kinds = st.sampled_from([None, "provider", "llm", "device", "generic"])
+values = st.text(st.characters(blacklist_categories=["Cs"]), max_size=40)  # valid Unicode text
+kinds: st.SearchStrategy[Kind | None] = st.sampled_from([None, "provider", "llm", "device", "generic"])
 phrases = st.sampled_from(["pass one", "pass two", "pass three"])
 
 
@@ -64,7 +65,7 @@ class AgentModel(RuleBasedStateMachine):
         return self.prefix + name
 
     @rule(name=names, value=values, kind=kinds)
-    def store(self, name: str, value: str, kind: str | None) -> None:
+    def store(self, name: str, value: str, kind: Kind | None) -> None:
         if self.locked:
             with pytest.raises(LockedError):
                 self.c.store(self.n(name), value, kind)
@@ -157,6 +158,7 @@ class AgentModel(RuleBasedStateMachine):
         self.c.close()
 
 
+@pytest.mark.slow
 def test_random_sequences_match_the_model(shared_daemon: Daemon) -> None:
     AgentModel.daemon = shared_daemon
     AgentModel.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,

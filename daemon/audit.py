@@ -1,0 +1,112 @@
+"""The access log: one structured event per call, never a value or a passphrase.
+
+Each event is a JSON object: ``time`` (ISO-8601, UTC, milliseconds), ``uid``,
+``pid``, ``unit`` (or null), ``method``, ``name`` (or null), ``outcome``
+(``ok``, ``denied``, ``not_found``, ``error``) and ``code`` (the error code or
+null). Events go as JSON lines to ``audit_log`` (opened 0600 with O_APPEND,
+reopened on SIGHUP so logrotate can move it), and, when systemd runs the
+daemon, to the journal at INFO. A denial is always logged at WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Final, Literal
+
+import msgspec
+
+from .peer import Peer
+
+log = logging.getLogger("homeagent_secrets.audit")
+
+Outcome = Literal["ok", "denied", "not_found", "error"]
+
+
+class Event(msgspec.Struct, frozen=True):
+    time: str
+    uid: int
+    pid: int
+    unit: str | None
+    method: str
+    name: str | None
+    outcome: Outcome
+    code: int | None
+
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def under_systemd(env: dict[str, str] | None = None) -> bool:
+    """Whether systemd runs this process (its stderr then reaches the journal)."""
+    env = dict(os.environ) if env is None else env
+    return bool(env.get("INVOCATION_ID") or env.get("JOURNAL_STREAM"))
+
+
+class AuditLog:
+    """Where events go; ``enabled`` is False when only denials are logged."""
+
+    def __init__(self, path: Path | None = None, journal: bool = False) -> None:
+        self.path = path
+        self.journal = journal
+        self._fd: int | None = None
+        self._second = -1
+        self._prefix = ""
+        if path is not None:
+            self._fd = self._open(path)
+
+    @property
+    def enabled(self) -> bool:
+        return self._fd is not None or self.journal
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        return fd
+
+    def reopen(self) -> None:
+        """Open the file again (after logrotate moved it); keep the old one on failure."""
+        if self.path is None:
+            return
+        try:
+            fd = self._open(self.path)
+        except OSError as exc:
+            log.error("cannot reopen the access log %s: %s; still writing the old one",
+                      self.path, exc.strerror)
+            return
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the formatting, once a second
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+
+    def record(self, peer: Peer, method: str, name: str | None, outcome: Outcome,
+               code: int | None) -> None:
+        """Log one call (cheap when nothing but denials is wanted)."""
+        if outcome == "denied":
+            log.warning("denied %s of %s to %s", method, name or "-", peer)
+        elif not self.enabled:
+            return
+        event = Event(self._now(), peer.uid, peer.pid, peer.unit, method, name, outcome, code)
+        line = _encoder.encode(event)
+        if self._fd is not None:
+            try:
+                os.write(self._fd, line + b"\n")
+            except OSError as exc:
+                log.error("cannot write the access log %s: %s", self.path, exc.strerror)
+        if self.journal and outcome != "denied":
+            log.info("%s", line.decode())

@@ -1,0 +1,114 @@
+"""Who is at the other end of a connection: the kernel's word, not the peer's.
+
+uid, gid and pid come from ``SO_PEERCRED`` (taken at connect time). Where the
+kernel offers it (``SO_PEERPIDFD``, Linux 6.5+) the agent also gets a pidfd of
+that process, reads its systemd unit from ``/proc/<pid>/cgroup`` and its
+supplementary groups from ``/proc/<pid>/status``, and then checks that the
+pidfd still names a live process: had the process exited, its pid could
+already belong to another one, and nothing read through it is trusted. The
+uid is the security boundary; the unit is a finer label for rules and the log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Final
+
+_PEERCRED: Final = struct.Struct("3i")
+#: Linux 6.5's SO_PEERPIDFD; Python's socket module may lack the name.
+SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)
+_UNIT: Final = re.compile(r"[A-Za-z0-9:_.\\@-]+\.(?:service|scope|socket|mount|swap|timer)\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The process that opened a connection."""
+
+    uid: int
+    gid: int
+    pid: int
+    unit: str | None = None  # the systemd unit of the process, when known for sure
+    groups: frozenset[int] = field(default_factory=frozenset)  # supplementary, when known
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """What per-peer bookkeeping (the passphrase slow-down) is keyed on."""
+        return self.uid, self.pid
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
+
+    def __str__(self) -> str:
+        return f"uid {self.uid} pid {self.pid}" + (f" ({self.unit})" if self.unit else "")
+
+
+#: The daemon itself, for work it starts on its own (auto-lock, start-up).
+SELF: Final = Peer(os.getuid(), os.getgid(), 0, "secretsd")
+
+
+def unit_of_cgroup(text: str) -> str | None:
+    """The innermost systemd unit in a ``/proc/<pid>/cgroup`` file's cgroup v2 line."""
+    for line in text.splitlines():
+        hierarchy, _, path = line.partition("::")
+        if hierarchy != "0" or not path:
+            continue
+        for part in reversed(path.strip().split("/")):
+            if _UNIT.match(part):
+                return part
+    return None
+
+
+def _groups_of(status: str) -> frozenset[int]:
+    for line in status.splitlines():
+        if line.startswith("Groups:"):
+            return frozenset(int(g) for g in line.split()[1:] if g.isdigit())
+    return frozenset()
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read(65536)
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process behind ``pidfd`` has exited (a pidfd polls readable then).
+
+    Polling needs no permission over the process (a signal 0 would: the peer
+    may be root while the agent is not).
+    """
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def peer_of(sock: socket.socket, details: bool = True) -> Peer:
+    """The credentials of the process at the other end of a Unix socket.
+
+    With ``details`` (the access rules or the access log need them) the unit
+    and supplementary groups are read too, and kept only if a pidfd proves the
+    process still lives.
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    if not details or pid <= 0:
+        return Peer(uid, gid, pid)
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        return Peer(uid, gid, pid)  # an older kernel: no unit, no groups, uid/gid/pid only
+    try:
+        try:
+            unit = unit_of_cgroup(_read(f"/proc/{pid}/cgroup"))
+            groups = _groups_of(_read(f"/proc/{pid}/status"))
+        except OSError:
+            return Peer(uid, gid, pid)
+        if _exited(pidfd):
+            return Peer(uid, gid, pid)  # it exited: what we read may be another process's
+        return Peer(uid, gid, pid, unit, groups)
+    finally:
+        os.close(pidfd)
