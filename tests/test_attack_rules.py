@@ -1,0 +1,408 @@
+"""The access rules, the access log, change notifications and the client cache,
+attacked the way a hostile local user (another uid in the socket group, with or
+without rules) or a careless operator would.
+
+Real processes under real throwaway uids (the ``crowd`` of test_access.py): a
+forked child drops to the user's uid and connects, then hands the connected
+socket to the test (``connect_as``), so the agent sees that user's
+credentials while the test drives the wire itself. Cgroup cases use the host's
+cgroup v2 hierarchy the way systemd delegates a subtree to a user's manager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from homeagent_secrets.client import SecretsClient
+
+from .conftest import PASSPHRASE, Daemon, require_real
+from .test_access import Crowd, User, crowd, rules  # noqa: F401  (crowd is a fixture)
+
+# --- plumbing: a process of another uid, a raw JSON-RPC connection ------------------------
+
+
+@contextmanager
+def child_as(user: User, fn: Callable[[socket.socket], None],
+             groups: list[int] | None = None) -> Iterator[socket.socket]:
+    """Run ``fn(channel)`` in a forked child under ``user``; the test gets the other end.
+
+    The child lives until ``fn`` returns; leaving the block closes the channel
+    and reaps the child (SIGKILL after 10 s).
+    """
+    mine, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            mine.close()
+            os.setgroups(groups or [])
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+            fn(theirs)
+        except BaseException as exc:
+            try:
+                theirs.sendall(f"EXC {type(exc).__name__}: {exc}\n".encode())
+            except OSError:
+                pass
+        os._exit(0)
+    theirs.close()
+    try:
+        yield mine
+    finally:
+        mine.close()
+        deadline = time.monotonic() + 10
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+
+
+class Raw:
+    """One connection to the agent, spoken to line by line (answers and notifications)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(10)
+        self.buf = b""
+        self.notes: list[dict[str, Any]] = []
+        self._id = 0
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self, timeout: float = 10) -> dict[str, Any] | list[Any]:
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("the agent closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def answer(self, timeout: float = 10) -> dict[str, Any] | list[Any]:
+        """The next answer line; notifications met on the way are kept in ``notes``."""
+        while True:
+            msg = self.line(timeout)
+            if isinstance(msg, dict) and "id" not in msg:
+                self.notes.append(msg)
+                continue
+            return msg
+
+    def call(self, method: str, timeout: float = 10, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        req: dict[str, Any] = {"jsonrpc": "2.0", "id": self._id, "method": method}
+        if params:
+            req["params"] = params
+        self.send(json.dumps(req).encode() + b"\n")
+        got = self.answer(timeout)
+        assert isinstance(got, dict) and got.get("id") == self._id, got
+        return got
+
+    def notifications(self, until: Callable[[dict[str, Any]], bool], timeout: float = 10) -> list[dict[str, Any]]:
+        """Notifications up to and including the first for which ``until`` holds."""
+        deadline = time.monotonic() + timeout
+        out: list[dict[str, Any]] = []
+        while True:
+            while self.notes:
+                note = self.notes.pop(0)
+                out.append(note)
+                if until(note):
+                    return out
+            msg = self.line(max(0.01, deadline - time.monotonic()))
+            assert isinstance(msg, dict) and "id" not in msg, msg
+            self.notes.append(msg)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _connect_and_hand_over(path: Path) -> Callable[[socket.socket], None]:
+    def fn(chan: socket.socket) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(path))
+        socket.send_fds(chan, [b"fd"], [s.fileno()])
+        s.close()
+        chan.recv(1)  # live until the test is done with the connection
+
+    return fn
+
+
+@contextmanager
+def connect_as(user: User, path: Path, groups: list[int] | None = None) -> Iterator[Raw]:
+    """A connection the agent sees as made by ``user`` (a live process of that uid)."""
+    with child_as(user, _connect_and_hand_over(path), groups) as chan:
+        chan.settimeout(10)
+        msg, fds, _, _ = socket.recv_fds(chan, 64, 1)
+        assert fds, msg
+        raw = Raw(socket.socket(fileno=fds[0]))
+        try:
+            yield raw
+        finally:
+            raw.close()
+
+
+def code_of(reply: dict[str, Any]) -> int | None:
+    return reply["error"]["code"] if "error" in reply else None
+
+
+# --- the agent under attack ---------------------------------------------------------------------
+
+SECRETS = {
+    "provider/hue/token": "hue-token-VALUE",
+    "provider/hue/bridge": "bridge-VALUE",
+    "llm/openai": "sk-openai-VALUE",
+    "admin/root-password": "root-pw-VALUE",
+}
+
+
+class Guarded:
+    """A running agent with rules for the crowd, an access log, and its files."""
+
+    def __init__(self, d: Daemon, crowd: Crowd, policy: Path, audit: Path) -> None:
+        self.d, self.crowd, self.policy, self.audit = d, crowd, policy, audit
+
+    @property
+    def socket(self) -> Path:
+        return self.d.socket
+
+    def hue(self) -> Any:
+        return connect_as(self.crowd.hue, self.d.socket, [self.crowd.gid])
+
+    def other(self) -> Any:
+        return connect_as(self.crowd.other, self.d.socket, [self.crowd.gid])
+
+    def owner(self) -> SecretsClient:
+        return SecretsClient(self.d.socket)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def reload(self, text: str) -> None:
+        rules(self.policy, text)
+        before = self.d.log_text().count("reloaded the access rules")
+        assert self.d.proc is not None
+        self.d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while self.d.log_text().count("reloaded the access rules") == before:
+            assert time.monotonic() < deadline, "no reload"
+            time.sleep(0.02)
+
+
+def hue_rules(crowd: Crowd) -> str:
+    return f"""
+        [[rule]]
+        user = "{crowd.hue.name}"
+        names = ["provider/hue/*"]
+        allow = ["read", "list", "watch"]
+
+        [[rule]]
+        user = "{crowd.hue.name}"
+        names = ["drop/*"]
+        allow = ["write"]
+    """
+
+
+@pytest.fixture
+def guarded(short_tmp: Path, crowd: Crowd) -> Iterator[Guarded]:
+    short_tmp.chmod(0o711)  # the group's members must reach the socket's directory
+    policy = rules(short_tmp / "rules.toml", hue_rules(crowd))
+    audit = short_tmp / "audit.jsonl"
+    sock = short_tmp / "run" / "s.sock"
+    d = Daemon(short_tmp / "home", sock, short_tmp / "d.log",
+               ["--policy", str(policy), "--socket-group", crowd.group, "--audit-log", str(audit)])
+    d.start()
+    with SecretsClient(sock) as c:
+        c.init(PASSPHRASE)
+        for name, value in SECRETS.items():
+            c.store(name, value)
+    yield Guarded(d, crowd, policy, audit)
+    d.kill()
+
+
+# --- authorization of each call -------------------------------------------------------------
+
+
+def test_a_batch_mixing_granted_and_denied_items_is_decided_item_by_item(guarded: Guarded) -> None:
+    with guarded.hue() as c:
+        batch = [{"jsonrpc": "2.0", "id": i, "method": "retrieve", "params": {"name": n}}
+                 for i, n in enumerate(["provider/hue/token", "llm/openai", "provider/hue/absent",
+                                        "admin/absent", "provider/hue/bridge"])]
+        batch.append({"jsonrpc": "2.0", "id": 9, "method": "store",
+                      "params": {"name": "llm/openai", "value": "overwritten"}})
+        c.send(json.dumps(batch).encode() + b"\n")
+        got = c.answer()
+    assert isinstance(got, list)
+    by_id = {r["id"]: r for r in got}
+    assert by_id[0]["result"]["value"] == "hue-token-VALUE"
+    assert by_id[2]["result"] is None and by_id[4]["result"]["value"] == "bridge-VALUE"
+    assert [code_of(by_id[i]) for i in (1, 3, 9)] == [-32010] * 3
+    assert "sk-openai" not in json.dumps(got)
+    with guarded.owner() as o:
+        assert o.get("llm/openai") == "sk-openai-VALUE"
+
+
+@pytest.mark.parametrize("method, params", [
+    ("retrieve", {}),
+    ("retrieve", {"version": "previous"}),
+    ("describe", {}),
+    ("rotate", {"value": "x"}),
+    ("store", {"value": "x"}),
+    ("delete", {}),
+    ("delete", {"force": True}),
+])
+def test_a_denied_call_looks_the_same_for_a_present_and_an_absent_name(
+    guarded: Guarded, method: str, params: dict[str, Any]
+) -> None:
+    """Code, message (but for the name), audit line and journal line: nothing tells them apart."""
+    with guarded.hue() as c:
+        present = c.call(method, name="admin/root-password", **params)
+        absent = c.call(method, name="admin/no-such-thing", **params)
+    assert code_of(present) == code_of(absent) == -32010
+    assert (json.dumps(present["error"]).replace("root-password", "N")
+            == json.dumps(absent["error"]).replace("no-such-thing", "N"))
+    mine = [e for e in guarded.events() if e["uid"] == guarded.crowd.hue.uid]
+    a, b = mine[-2], mine[-1]
+    assert {**a, "time": 0, "name": 0} == {**b, "time": 0, "name": 0}
+    assert a["outcome"] == "denied"
+    log = guarded.d.log_text()
+    assert f"denied {method} of admin/root-password" in log and f"denied {method} of admin/no-such-thing" in log
+    with guarded.owner() as o:  # and nothing changed
+        assert o.get("admin/root-password") == "root-pw-VALUE"
+
+
+def test_a_write_only_grant_reveals_nothing_it_does_not_write(guarded: Guarded) -> None:
+    """``write`` on drop/*: store works there; reading back, or anything outside, is refused."""
+    with guarded.hue() as c:
+        assert c.call("store", name="drop/report", value="v")["result"]["version"] == 1
+        assert code_of(c.call("retrieve", name="drop/report")) == -32010
+        assert code_of(c.call("describe", name="drop/report")) == -32010
+        assert c.call("list", prefix="drop/")["result"] == []  # it may list provider/hue/* only
+
+
+@pytest.mark.parametrize("line", [
+    # the same key twice: msgspec would keep the last, authorization must not see the first
+    b'{"jsonrpc":"2.0","id":1,"method":"retrieve","params":{"name":"provider/hue/token","name":"llm/openai"}}',
+    # an escaped spelling of the same key
+    b'{"jsonrpc":"2.0","id":1,"method":"retrieve","params":{"name":"provider/hue/token","na\\u006de":"llm/openai"}}',
+    # params twice
+    b'{"jsonrpc":"2.0","id":1,"method":"retrieve","params":{"name":"provider/hue/token"},'
+    b'"params":{"name":"llm/openai"}}',
+    # method twice: a reader of the first sees a read, the last is a store
+    b'{"jsonrpc":"2.0","id":1,"method":"retrieve","m\\u0065thod":"store","params":{"name":"llm/openai","value":"x"}}',
+    # an escaped name value that decodes to a granted name is fine; one that decodes to another is that name
+    b'{"jsonrpc":"2.0","id":1,"method":"retrieve","params":{"name":"llm\\/openai"}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"retrieve","params":{"name":"provider/hue/..\\/..\\/llm/openai"}}',
+])
+def test_repeated_or_escaped_keys_cannot_smuggle_a_name(guarded: Guarded, line: bytes) -> None:
+    with guarded.hue() as c:
+        c.send(line + b"\n")
+        got = c.answer()
+    assert isinstance(got, dict) and code_of(got) in (-32600, -32602, -32010), got
+    assert "sk-openai" not in json.dumps(got)
+
+
+def test_list_never_shows_or_counts_names_outside_the_grant(guarded: Guarded) -> None:
+    with guarded.owner() as o:
+        for i in range(30):
+            o.store(f"admin/many/{i:02d}", "v")
+    with guarded.hue() as c:
+        asks = [{}, {"prefix": "admin/"}, {"prefix": "provider/"}, {"prefix": "provider/hue/t"},
+                {"after": "admin/many/05"}, {"after": "a", "limit": 1}, {"prefix": "", "limit": 100000},
+                {"prefix": "admin/many/0"}, {"prefix": "admin/nothing-here"}]
+        got = [c.call("list", **a)["result"] for a in asks]
+    assert got == [["provider/hue/bridge", "provider/hue/token"], [], ["provider/hue/bridge", "provider/hue/token"],
+                   ["provider/hue/token"], ["provider/hue/bridge", "provider/hue/token"], ["provider/hue/bridge"],
+                   ["provider/hue/bridge", "provider/hue/token"], [], []]
+
+
+def test_status_shows_no_names_outside_the_grant(guarded: Guarded) -> None:
+    """A damaged record's name is a name: status (always allowed) must not list it to
+    a peer that may not list that name."""
+    home = guarded.d.home
+    recs = set(home.rglob("*.rec"))
+    with guarded.owner() as o:
+        o.store("admin/victim", "v1")
+    (new,) = set(home.rglob("*.rec")) - recs
+    old = new.read_bytes()
+    with guarded.owner() as o:
+        o.rotate("admin/victim", "v2")
+    guarded.d.stop()
+    new.write_bytes(old)  # rolled back while stopped: damaged, and still named
+    guarded.d.start()
+    with guarded.owner() as o:
+        o.unlock(PASSPHRASE)
+        assert [d.name for d in o.status().damaged] == ["admin/victim"]  # the owner sees it
+    with guarded.hue() as c:
+        hue = c.call("status")["result"]
+    with guarded.other() as c:
+        other = c.call("status")["result"]
+    assert "admin/victim" not in json.dumps(hue) and "admin/victim" not in json.dumps(other)
+
+
+# --- watches ----------------------------------------------------------------------------------
+
+
+def test_a_watch_is_told_only_about_names_it_may_read_whatever_its_patterns(guarded: Guarded) -> None:
+    with guarded.hue() as a, guarded.hue() as b, guarded.hue() as e:
+        wa = a.call("watch", patterns=["**"])["result"]["watch"]
+        wb = b.call("watch", patterns=["admin/*", "llm/**", "provider/hue/*"])["result"]["watch"]
+        we = e.call("watch")["result"]["watch"]
+        with guarded.owner() as o:
+            o.store("admin/new", "ADMIN-VALUE")
+            o.rotate("llm/openai", "LLM-VALUE-2")
+            o.delete("admin/root-password")
+            o.rotate("provider/hue/token", "HUE-VALUE-2")
+            o.lock()
+            o.unlock(PASSPHRASE)
+            o.store("provider/hue/zz-end", "END")
+        seen = {}
+        for name, conn, w in (("a", a, wa), ("b", b, wb), ("e", e, we)):
+            notes = conn.notifications(lambda n: n.get("params", {}).get("name") == "provider/hue/zz-end")
+            seen[name] = [(n["method"], n.get("params", {}).get("name")) for n in notes]
+            assert all(n["params"]["watch"] == w for n in notes if n["method"] == "changed")
+            assert "VALUE" not in json.dumps(notes)
+    want = [("changed", "provider/hue/token"), ("locked", None), ("unlocked", None),
+            ("changed", "provider/hue/zz-end")]
+    assert seen == {"a": want, "b": want, "e": want}
+
+
+def test_unwatch_cannot_close_another_peers_watch(guarded: Guarded) -> None:
+    with guarded.hue() as victim, guarded.other() as attacker:
+        w = victim.call("watch", patterns=["provider/hue/*"])["result"]["watch"]
+        ids = [w, *range(max(1, w - 3), w + 3)]
+        assert [attacker.call("unwatch", watch=i)["result"] for i in ids] == [False] * len(ids)
+        with guarded.owner() as o:
+            o.rotate("provider/hue/token", "v2")
+        (note,) = victim.notifications(lambda n: True)
+        assert note["params"]["name"] == "provider/hue/token"
+
+
+def test_a_watch_pattern_cannot_stall_the_agent(guarded: Guarded) -> None:
+    """Patterns are the peer's: matching one against a name must cost microseconds,
+    never exponential backtracking (one hostile watch would freeze every client)."""
+    evil = ["drop/" + "*a" * 12 + "b", "/".join(["**"] * 40) + "/x", "*?" * 30 + "z"]
+    with guarded.hue() as c:
+        c.call("watch", patterns=evil)
+        t0 = time.monotonic()
+        got = c.call("store", timeout=30, name="drop/" + "a" * 200, value="v")  # its own write
+        store_s = time.monotonic() - t0
+        with guarded.owner() as o:
+            t0 = time.monotonic()
+            o.store("/".join("s" * 2 for _ in range(60)), "v")  # a deep name, by someone else
+            o.store("provider/hue/" + "q" * 200, "v")
+            owner_s = time.monotonic() - t0
+    assert "result" in got
+    assert store_s < 1 and owner_s < 1, (store_s, owner_s)
