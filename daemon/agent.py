@@ -235,6 +235,10 @@ class Agent:
         b = self.backend
         await b.probe()
         pending = self.migrator.pending(b.name) if self.migrator else None
+        damaged = b.damaged()
+        if not self.policy.trusted(peer):  # a damaged record's name is a name: only listable ones
+            rights = self.rights_of(peer)
+            damaged = [d for d in damaged if d.name is not None and rights.may("list", d.name)]
         return StatusResult(
             initialized=b.initialized,
             locked=b.locked,
@@ -244,7 +248,7 @@ class Agent:
             uptime_s=round(self._clock() - self._started, 3),
             memory_locked=b.memory_locked,
             home=str(self.home) if self.home else None,
-            damaged=b.damaged(),
+            damaged=damaged,
             migration=None if pending is None else (
                 f"a migration from {pending.source} left originals there: run "
                 f"`secretsctl migrate --to {b.name}` to remove them"),
