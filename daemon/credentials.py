@@ -96,7 +96,7 @@ class CredentialServer:
             return None
         unit, cred_id = request
         audited = Peer(peer.uid, peer.gid, peer.pid, unit)
-        if peer.uid != 0 or (peer.pid != 1 and peer.unit != unit):
+        if peer.uid != 0 or (peer.pid != 1 and (peer.unit != unit or peer.manager is not None)):
             log.warning("credentials socket: %s claims to be %s asking for %r, but only systemd "
                         "starting that unit is believed; nothing was sent", peer, unit, cred_id)
             self.agent.audit.record(audited, "credential", None, "denied", -32010)

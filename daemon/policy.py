@@ -17,8 +17,10 @@ Without a file: the agent's own uid and root have every right, others none
 (and are refused at connect). With one: the agent's uid and root still have
 every right (the uid is the boundary: they can read the files anyway);
 everyone else has only what a rule grants. A rule's selectors (user/uid,
-group/gid, unit) must all match, and at least one is required. An unknown
-key, action, user or group makes the whole file invalid.
+group/gid, unit) must all match, and at least one is required. A ``unit`` is a
+system unit; a unit of a user's own service manager (``systemctl --user``)
+matches only a rule that also names that user, since the user names it. An
+unknown key, action, user or group makes the whole file invalid.
 """
 
 from __future__ import annotations
@@ -82,7 +84,12 @@ class Rule:
     def applies_to(self, peer: Peer) -> bool:
         return ((self.uid is None or peer.uid == self.uid)
                 and (self.gid is None or peer.in_group(self.gid))
-                and (self.unit is None or peer.unit == self.unit))
+                and (self.unit is None or self._is_unit_of(peer)))
+
+    def _is_unit_of(self, peer: Peer) -> bool:
+        # A unit of a user's own manager was named by that user: it proves
+        # nothing unless the rule is for that very user anyway.
+        return peer.unit == self.unit and (peer.manager is None or peer.manager == self.uid)
 
     def covers(self, name: str) -> bool:
         slashed = "/" + name

@@ -36,18 +36,22 @@ from .test_access import Crowd, User, crowd, rules  # noqa: F401  (crowd is a fi
 
 
 @contextmanager
-def child_as(user: User, fn: Callable[[socket.socket], None],
-             groups: list[int] | None = None) -> Iterator[socket.socket]:
+def child_as(user: User, fn: Callable[[socket.socket], None], groups: list[int] | None = None,
+             as_root_first: Callable[[], None] | None = None) -> Iterator[socket.socket]:
     """Run ``fn(channel)`` in a forked child under ``user``; the test gets the other end.
 
-    The child lives until ``fn`` returns; leaving the block closes the channel
-    and reaps the child (SIGKILL after 10 s).
+    ``as_root_first`` runs in the child before it drops to ``user`` (what a
+    service manager does for the process it starts). The child lives until
+    ``fn`` returns; leaving the block closes the channel and reaps the child
+    (SIGKILL after 10 s).
     """
     mine, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         try:
             mine.close()
+            if as_root_first is not None:
+                as_root_first()
             os.setgroups(groups or [])
             os.setgid(user.gid)
             os.setuid(user.uid)
@@ -431,6 +435,124 @@ def test_one_connection_cannot_hold_watches_without_bound(guarded: Guarded) -> N
         assert "at most 16 watches" in next(g for g in got if "error" in g)["error"]["message"]
         c.call("unwatch", watch=opened[0]["result"]["watch"])
         assert "result" in c.call("watch", patterns=["provider/hue/*"])  # room again
+
+
+# --- who the peer is: units and groups -------------------------------------------------------
+
+
+def _cgroup2_root() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted, if this process sits at its root."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    point = next((m[4] for m in mounts if m[m.index("-") + 1] == "cgroup2"), None)
+    with open("/proc/self/cgroup") as f:
+        mine = next((line.strip()[3:] for line in f if line.startswith("0::")), None)
+    if point is None or mine is None:
+        return None
+    return Path(point) / mine.lstrip("/")
+
+
+@pytest.fixture
+def user_manager_cgroup(crowd: Crowd) -> Iterator[Path]:
+    """A cgroup delegated to the hue user as systemd delegates ``user@UID.service``
+    (Delegate=yes: the directory and its cgroup.procs/threads/subtree_control are
+    the user's), under a slice of this test's own; removed afterwards."""
+    import secrets as _secrets
+
+    root = _cgroup2_root()
+    require_real(root is not None and os.geteuid() == 0 and os.access(root, os.W_OK), "a writable cgroup v2 tree")
+    assert root is not None
+    uid = crowd.hue.uid
+    top = root / f"ha{_secrets.token_hex(3)}.slice"
+    manager = top / f"user-{uid}.slice" / f"user@{uid}.service"
+    manager.mkdir(parents=True)
+    for p in (manager, manager / "cgroup.procs", manager / "cgroup.threads", manager / "cgroup.subtree_control"):
+        os.chown(p, uid, crowd.hue.gid)
+    try:
+        yield manager
+    finally:
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            d.rmdir()  # empty by now: its processes were reaped
+        top.rmdir()
+
+
+def _in_own_unit_then_connect(manager: Path, unit: str, path: Path) -> Callable[[socket.socket], None]:
+    """As root (the manager starting the user's process): into the user manager's
+    cgroup. Then, as the user alone: a sub-cgroup named like a system unit, and
+    connect from inside it."""
+    def fn(chan: socket.socket) -> None:
+        mine = manager / "app.slice" / unit
+        mine.mkdir(parents=True, exist_ok=True)  # the user's own doing: the subtree is delegated to it
+        (mine / "cgroup.procs").write_text(str(os.getpid()))
+        _connect_and_hand_over(path)(chan)
+
+    return fn
+
+
+def test_a_user_cannot_take_a_system_units_rights_by_naming_a_cgroup_after_it(
+    guarded: Guarded, user_manager_cgroup: Path
+) -> None:
+    """``unit = "hue-bridge.service"`` is for that system service. Any user whose
+    manager has a delegated subtree (every logged-in or lingering user) can make
+    ``.../user@UID.service/app.slice/hue-bridge.service`` (``systemd-run --user
+    --unit=hue-bridge`` does) and connect from it."""
+    crowd = guarded.crowd
+    guarded.reload(hue_rules(crowd) + """
+        [[rule]]
+        unit = "hue-bridge.service"
+        names = ["llm/**"]
+        allow = ["read"]
+    """)
+    def into_the_manager() -> None:
+        (user_manager_cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    with child_as(crowd.hue, _in_own_unit_then_connect(user_manager_cgroup, "hue-bridge.service", guarded.socket),
+                  [crowd.gid], as_root_first=into_the_manager) as chan:
+        chan.settimeout(10)
+        msg, fds, _, _ = socket.recv_fds(chan, 256, 1)
+        assert fds, msg
+        c = Raw(socket.socket(fileno=fds[0]))
+        who = c.call("whoami")["result"]
+        got = c.call("retrieve", name="llm/openai")
+        c.close()
+    assert who["uid"] == crowd.hue.uid and who["unit"] == "hue-bridge.service"  # shown, not believed
+    assert code_of(got) == -32010, got
+    assert "sk-openai" not in json.dumps(got)
+    assert f"({'hue-bridge.service'} of user@{crowd.hue.uid}.service)" in guarded.d.log_text()
+    # a rule that names the user too may use the user's own unit names
+    guarded.reload(hue_rules(crowd) + f"""
+        [[rule]]
+        user = "{crowd.hue.name}"
+        unit = "hue-bridge.service"
+        names = ["llm/**"]
+        allow = ["read"]
+    """)
+    with child_as(crowd.hue, _in_own_unit_then_connect(user_manager_cgroup, "hue-bridge.service", guarded.socket),
+                  [crowd.gid], as_root_first=into_the_manager) as chan:
+        chan.settimeout(10)
+        _, fds, _, _ = socket.recv_fds(chan, 256, 1)
+        c = Raw(socket.socket(fileno=fds[0]))
+        assert c.call("retrieve", name="llm/openai")["result"]["value"] == "sk-openai-VALUE"
+        c.close()
+
+
+@pytest.mark.parametrize("line, unit, manager", [
+    ("0::/system.slice/hue-bridge.service\n", "hue-bridge.service", None),
+    # a service's own sub-cgroups (Delegate=yes) are that service, whatever they are called
+    ("0::/system.slice/docker.service/hue-bridge.service\n", "docker.service", None),
+    ("0::/machine.slice/systemd-nspawn@x.service/payload/system.slice/hue-bridge.service\n",
+     "systemd-nspawn@x.service", None),
+    ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/llm.service\n", "llm.service", 1000),
+    ("0::/user.slice/user-1000.slice/user@1000.service/init.scope\n", "init.scope", 1000),
+    ("0::/user.slice/user-1000.slice/user@1000.service\n", "user@1000.service", None),
+    ("0::/user.slice/user-1000.slice/session-4.scope\n", "session-4.scope", None),
+    ("0::/a.slice/not-a-unit/x.service\n", None, None),
+    ("0::/\n", None, None),
+])
+def test_the_unit_is_systemds_own_reading_of_the_cgroup(line: str, unit: str | None, manager: int | None) -> None:
+    from homeagent_secrets.daemon.peer import cgroup_unit
+
+    assert cgroup_unit(line) == (unit, manager)
 
 
 def _glob_reference(pattern: str, name: str) -> bool:
