@@ -140,7 +140,7 @@ def _connect_and_hand_over(path: Path) -> Callable[[socket.socket], None]:
     def fn(chan: socket.socket) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(path))
-        socket.send_fds(chan, [b"fd"], [s.fileno()])
+        socket.send_fds(chan, [str(os.getpid()).encode()], [s.fileno()])  # and who connected
         s.close()
         chan.recv(1)  # live until the test is done with the connection
 
@@ -534,6 +534,114 @@ def test_a_user_cannot_take_a_system_units_rights_by_naming_a_cgroup_after_it(
         c = Raw(socket.socket(fileno=fds[0]))
         assert c.call("retrieve", name="llm/openai")["result"]["value"] == "sk-openai-VALUE"
         c.close()
+
+
+@pytest.fixture
+def extra_group() -> Iterator[tuple[str, int]]:
+    """A fresh group nobody belongs to, removed afterwards."""
+    import grp
+    import secrets as _secrets
+
+    name = f"haxg{_secrets.token_hex(3)}"
+    subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+    try:
+        yield name, grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+def _fork_with_pid(pid: int, fn: Callable[[], None]) -> int | None:
+    """Fork a child that runs ``fn`` (it never returns) as pid ``pid``, or None if another
+    process took that pid first (ns_last_pid: the next pid handed out is that + 1)."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    child = os.fork()
+    if child == 0:
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    if child != pid:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        return None
+    return child
+
+
+def test_a_pid_reused_by_a_process_in_the_unit_and_group_gets_nothing_of_theirs(
+    guarded: Guarded, extra_group: tuple[str, int]
+) -> None:
+    """The connecting process exits; before the agent looks at /proc, its pid belongs
+    to a process in hue-bridge.service with a group the rules reward. The agent
+    must believe none of it (the pidfd check): only the kernel's uid remains."""
+    import secrets as _secrets
+
+    crowd = guarded.crowd
+    group, gid = extra_group
+    root = _cgroup2_root()
+    require_real(root is not None and os.access(root, os.W_OK), "a writable cgroup v2 tree")
+    assert root is not None
+    top = root / f"ha{_secrets.token_hex(3)}.slice"
+    unit = top / "hue-bridge.service"
+    guarded.reload(hue_rules(crowd) + f"""
+        [[rule]]
+        unit = "hue-bridge.service"
+        names = ["llm/**"]
+        allow = ["read"]
+
+        [[rule]]
+        group = "{group}"
+        names = ["admin/**"]
+        allow = ["read"]
+    """)
+    impostor = 0
+    assert guarded.d.proc is not None
+    unit.mkdir(parents=True)
+    guarded.d.proc.send_signal(signal.SIGSTOP)  # the agent accepts only once resumed
+    try:
+        with child_as(crowd.other, _connect_and_hand_over(guarded.socket), [crowd.gid]) as chan:
+            chan.settimeout(10)
+            msg, fds, _, _ = socket.recv_fds(chan, 256, 1)
+            conn = Raw(socket.socket(fileno=fds[0]))
+        connector = int(msg)  # reaped on leaving the block above
+
+        def impostor_body() -> None:
+            (unit / "cgroup.procs").write_text(str(os.getpid()))
+            os.setgroups([crowd.gid, gid])
+            os.setgid(crowd.other.gid)
+            os.setuid(crowd.other.uid)
+            time.sleep(60)
+
+        for _ in range(50):
+            found = _fork_with_pid(connector, impostor_body)
+            if found is not None:
+                impostor = found
+                break
+        assert impostor, "the connector's pid could not be had again (ns_last_pid) in 50 tries"
+        deadline = time.monotonic() + 5
+        while str(impostor) not in (unit / "cgroup.procs").read_text().split():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status = Path(f"/proc/{impostor}/status").read_text()
+        while f"{crowd.other.uid}\t" not in next(x for x in status.splitlines() if x.startswith("Uid:")):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+            status = Path(f"/proc/{impostor}/status").read_text()
+    finally:
+        guarded.d.proc.send_signal(signal.SIGCONT)
+    try:
+        who = conn.call("whoami")["result"]
+        got = [conn.call("retrieve", name=n) for n in ("llm/openai", "admin/root-password")]
+        conn.close()
+    finally:
+        if impostor:
+            os.kill(impostor, signal.SIGKILL)
+            os.waitpid(impostor, 0)
+        unit.rmdir()
+        top.rmdir()
+    assert who["pid"] == impostor and who["uid"] == crowd.other.uid
+    assert who["unit"] is None and who["rights"] == []
+    assert [code_of(g) for g in got] == [-32010, -32010]
 
 
 @pytest.mark.parametrize("line, unit, manager", [
