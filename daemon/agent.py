@@ -154,6 +154,7 @@ class Agent:
         """Put new rules in force (a reload): every peer's rights are computed again."""
         self.policy = policy
         self._rights = {}
+        self.hub.resync()
 
     def rights_of(self, peer: Peer) -> Rights:
         rights = self._rights.get(peer)

@@ -148,6 +148,13 @@ class Hub:
             sent = True
         return sent
 
+    def resync(self) -> None:
+        """Tell every watching connection to read again what it cares about (an
+        ``overflow``): after a reload of the rules, the names it is told about may
+        have changed, and a cache must not keep what it may no longer be told of."""
+        for conn in self._by_conn:
+            conn.outbox.put(_OVERFLOW)
+
     def state(self, locked: bool) -> bool:
         """Tell every watching connection (once each) that the agent locked or unlocked."""
         line = _LOCKED if locked else _UNLOCKED

@@ -437,6 +437,75 @@ def test_one_connection_cannot_hold_watches_without_bound(guarded: Guarded) -> N
         assert "result" in c.call("watch", patterns=["provider/hue/*"])  # room again
 
 
+# --- a reload that takes rights away ----------------------------------------------------------
+
+HUE_WITHOUT_READ = """
+    [[rule]]
+    uid = {uid}
+    names = ["provider/hue/*"]
+    allow = ["list", "watch"]
+"""
+
+
+def test_a_reload_takes_rights_from_open_connections_and_their_watches(guarded: Guarded) -> None:
+    crowd = guarded.crowd
+    with guarded.hue() as c, guarded.hue() as w:
+        w.call("watch", patterns=["provider/**"])
+        assert c.call("retrieve", name="provider/hue/token")["result"]["value"] == "hue-token-VALUE"
+        guarded.reload(HUE_WITHOUT_READ.format(uid=crowd.hue.uid))
+        assert code_of(c.call("retrieve", name="provider/hue/token")) == -32010  # same connection
+        assert c.call("list")["result"] == ["provider/hue/bridge", "provider/hue/token"]
+        with guarded.owner() as o:
+            o.rotate("provider/hue/token", "hue-token-2")
+            o.lock()
+        notes = w.notifications(lambda n: n["method"] == "locked")
+        assert [n["method"] for n in notes] == ["overflow", "locked"]  # read again; no changed event
+
+
+def _cached_reader(path: Path, name: str) -> Callable[[socket.socket], None]:
+    """A program of another uid that reads ``name`` through the client cache, on request."""
+    def fn(chan: socket.socket) -> None:
+        from homeagent_secrets.client import SecretsError
+        from homeagent_secrets.client.cache import wait_live
+
+        c = SecretsClient(path, cache=True)
+        assert c.get(name) is not None
+        assert c.cache is not None and wait_live(c.cache, 5)
+        c.get(name)  # now an entry
+        reader = chan.makefile("r")
+        chan.sendall(b"ready\n")
+        for _ in reader:
+            try:
+                out = {"value": c.get(name)}
+            except SecretsError as exc:
+                out = {"code": exc.code}
+            chan.sendall(json.dumps(out).encode() + b"\n")
+        c.close()
+
+    return fn
+
+
+def test_a_cached_value_is_not_served_after_a_reload_took_the_right_and_a_rotate_followed(
+    guarded: Guarded
+) -> None:
+    """The watch stops telling about a name the peer may no longer read, so a cache
+    kept its entry for ever: a rotate acknowledged after the reload was never seen."""
+    crowd = guarded.crowd
+    with child_as(crowd.hue, _cached_reader(guarded.socket, "provider/hue/token"), [crowd.gid]) as chan:
+        chan.settimeout(20)
+        answers = chan.makefile("r")
+        assert answers.readline().strip() == "ready"
+        guarded.reload(HUE_WITHOUT_READ.format(uid=crowd.hue.uid))
+        with guarded.owner() as o:
+            o.rotate("provider/hue/token", "hue-token-ROTATED")  # acknowledged
+        time.sleep(0.2)  # the cache's thread has had every chance to apply what was sent
+        chan.sendall(b"get\n")
+        got = json.loads(answers.readline())
+        answers.close()  # else the channel stays open and the child waits for more
+    assert got != {"value": "hue-token-VALUE"}, "a value older than an acknowledged write"
+    assert got == {"code": -32010}
+
+
 # --- who the peer is: units and groups -------------------------------------------------------
 
 
