@@ -10,8 +10,10 @@ daemon, to the journal at INFO. A denial is always logged at WARNING.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Final, Literal
@@ -63,8 +65,18 @@ class AuditLog:
 
     @staticmethod
     def _open(path: Path) -> int:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
+        """The file, appended to; OSError unless it is a regular file (never a symlink:
+        O_NOFOLLOW; never a FIFO or device: O_NONBLOCK, so opening one cannot hang)."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            os.fchmod(fd, 0o600)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def reopen(self) -> None:

@@ -168,7 +168,11 @@ async def serve(settings: Settings, bound: BoundSocket | None, creds: BoundSocke
     notifier = Notifier()
     policy = (policy_mod.load(Path(settings.policy_file)) if settings.policy_file
               else policy_mod.Policy())
-    audit = AuditLog(Path(settings.audit_log) if settings.audit_log else None, under_systemd())
+    try:
+        audit = AuditLog(Path(settings.audit_log) if settings.audit_log else None, under_systemd())
+    except OSError as exc:
+        raise settings_mod.ConfigError(f"cannot open the access log {settings.audit_log}: "
+                                       f"{exc.strerror}") from None
     backend = await open_backend(settings)
     home = settings.home_path
     agent = Agent(

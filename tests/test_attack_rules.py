@@ -506,6 +506,60 @@ def test_a_cached_value_is_not_served_after_a_reload_took_the_right_and_a_rotate
     assert got == {"code": -32010}
 
 
+# --- the access log -----------------------------------------------------------------------
+
+
+def _status_within(d: Daemon, seconds: float) -> bool:
+    try:
+        with SecretsClient(d.socket, timeout=seconds) as c:
+            c.status()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("swap", ["fifo", "symlink"])
+def test_an_access_log_swapped_before_sighup_never_stalls_or_redirects_the_log(
+    guarded: Guarded, swap: str
+) -> None:
+    """logrotate moved the file; before the SIGHUP, someone who can write the directory
+    put a FIFO there (opening it for writing waits for a reader: the whole agent
+    stopped) or a symlink to a file of their choosing (O_NOFOLLOW refuses it)."""
+    audit = guarded.audit
+    audit.rename(audit.with_suffix(".1"))
+    target = audit.parent / "elsewhere"
+    if swap == "fifo":
+        os.mkfifo(audit, 0o600)
+    else:
+        audit.symlink_to(target)
+    assert guarded.d.proc is not None
+    guarded.d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "cannot reopen the access log" not in guarded.d.log_text():
+        assert time.monotonic() < deadline, "no word of the refused reopen"
+        assert _status_within(guarded.d, 1), "the agent stopped answering"
+        time.sleep(0.05)
+    with guarded.hue() as c:
+        c.call("retrieve", name="llm/openai")  # a denial, still logged: in the old file
+    assert "llm/openai" in audit.with_suffix(".1").read_text()
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("swap", ["fifo", "symlink"])
+def test_an_access_log_that_is_not_a_regular_file_refuses_the_start_in_one_line(
+    short_tmp: Path, swap: str
+) -> None:
+    audit = short_tmp / "audit.jsonl"
+    if swap == "fifo":
+        os.mkfifo(audit, 0o600)
+    else:
+        audit.symlink_to(short_tmp / "elsewhere")
+    cmd = [*Daemon.command(short_tmp / "h", short_tmp / "s.sock"), "--audit-log", str(audit), "--backend", "file"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(audit) in r.stderr and "access log" in r.stderr
+
+
 # --- who the peer is: units and groups -------------------------------------------------------
 
 
