@@ -54,6 +54,8 @@ class AuditLog:
         self.path = path
         self.journal = journal
         self._fd: int | None = None
+        self._cut = False  # the last write stopped mid-line
+        self._lost = 0  # events not written since writing failed
         self._second = -1
         self._prefix = ""
         if path is not None:
@@ -90,6 +92,7 @@ class AuditLog:
                       self.path, exc.strerror)
             return
         old, self._fd = self._fd, fd
+        self._cut = False  # a new file: no line of it was cut short
         if old is not None:
             os.close(old)
 
@@ -106,6 +109,28 @@ class AuditLog:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
+    def _write(self, line: bytes) -> None:
+        """Append one line. While writes fail (disk full) the error is logged once, with
+        the count of lost events when writing works again; a line cut short by the
+        failure is ended first, so the next event starts a line of its own."""
+        assert self._fd is not None
+        data = b"\n" + line if self._cut else line
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            written, why = 0, exc.strerror
+        else:
+            why = "no space left for the whole line"
+        if written == len(data):
+            if self._lost:
+                log.error("the access log %s is written again; %d event(s) were lost", self.path, self._lost)
+            self._cut, self._lost = False, 0
+            return
+        self._cut = self._cut or written > 0
+        if not self._lost:
+            log.error("cannot write the access log %s: %s; events are lost until it can", self.path, why)
+        self._lost += 1
+
     def record(self, peer: Peer, method: str, name: str | None, outcome: Outcome,
                code: int | None) -> None:
         """Log one call (cheap when nothing but denials is wanted)."""
@@ -116,9 +141,6 @@ class AuditLog:
         event = Event(self._now(), peer.uid, peer.pid, peer.unit, method, name, outcome, code)
         line = _encoder.encode(event)
         if self._fd is not None:
-            try:
-                os.write(self._fd, line + b"\n")
-            except OSError as exc:
-                log.error("cannot write the access log %s: %s", self.path, exc.strerror)
+            self._write(line + b"\n")
         if self.journal and outcome != "denied":
             log.info("%s", line.decode())

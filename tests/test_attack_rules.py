@@ -560,6 +560,48 @@ def test_an_access_log_that_is_not_a_regular_file_refuses_the_start_in_one_line(
     assert str(audit) in r.stderr and "access log" in r.stderr
 
 
+def test_a_full_disk_costs_the_access_log_one_error_line_and_then_a_count(short_tmp: Path) -> None:
+    """Every call on a full disk logged one more ERROR (1,949 for 2,000 calls), and the
+    line cut short by the full disk was continued by the next event once space came back."""
+    logs = short_tmp / "logs"
+    logs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(logs)], check=True)
+    try:
+        filler = logs / "filler"
+        with open(filler, "wb", buffering=0) as f:  # the disk full...
+            try:
+                while True:
+                    f.write(b"x" * 1024)
+            except OSError:
+                pass
+        filler.write_bytes(filler.read_bytes()[:-6000])  # ...but for a few KiB
+        audit = logs / "audit.jsonl"
+        d = Daemon(short_tmp / "h", short_tmp / "s.sock", short_tmp / "d.log",
+                   ["--audit-log", str(audit), "--log-level", "INFO"]).start()
+        with SecretsClient(d.socket) as c:
+            c.init(PASSPHRASE)
+            c.store("a/b", "v")
+            for _ in range(500):
+                c.get("a/b")
+            filler.unlink()
+            c.describe("a/b")
+        d.stop()
+        lines = audit.read_text().splitlines()
+    finally:
+        subprocess.run(["umount", str(logs)], check=False)
+    log = d.log_text()
+    assert log.count("cannot write the access log") == 1
+    assert "is written again;" in log and "event(s) were lost" in log
+    broken = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            broken.append(line)
+    assert len(broken) <= 1  # the one cut short, alone on its line
+    assert json.loads(lines[-1])["method"] == "describe"
+
+
 # --- who the peer is: units and groups -------------------------------------------------------
 
 
