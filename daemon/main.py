@@ -34,6 +34,7 @@ from .listener import BoundSocket, bind_unix, inherited_sockets
 from .logsetup import setup_logging
 from .credentials import CredentialServer
 from .migration import Migrator
+from . import peer as peer_mod
 from .peer import SELF
 from .sdnotify import Notifier
 from .server import Server, ServerLimits
@@ -173,6 +174,10 @@ async def serve(settings: Settings, bound: BoundSocket | None, creds: BoundSocke
     except OSError as exc:
         raise settings_mod.ConfigError(f"cannot open the access log {settings.audit_log}: "
                                        f"{exc.strerror}") from None
+    if policy.active and peer_mod.UNMAPPED_UID is not None:
+        log.warning("secretsd runs in a user namespace that maps no other users (PrivateUsers=yes?): "
+                    "every peer of another uid reads as uid %d, so the access rules grant them nothing; "
+                    "run it without PrivateUsers= for the rules to apply", peer_mod.UNMAPPED_UID)
     backend = await open_backend(settings)
     home = settings.home_path
     agent = Agent(

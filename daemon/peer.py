@@ -49,7 +49,14 @@ class Peer:
         """What per-peer bookkeeping (the passphrase slow-down) is keyed on."""
         return self.uid, self.pid
 
+    @property
+    def identified(self) -> bool:
+        """Whether the kernel could name this peer's uid in our user namespace."""
+        return UNMAPPED_UID is None or self.uid != UNMAPPED_UID
+
     def in_group(self, gid: int) -> bool:
+        if gid == UNMAPPED_GID:
+            return False  # every unnamed group reads as this one
         return gid == self.gid or gid in self.groups
 
     def __str__(self) -> str:
@@ -57,6 +64,26 @@ class Peer:
             return f"uid {self.uid} pid {self.pid} ({self.unit} of user@{self.manager}.service)"
         return f"uid {self.uid} pid {self.pid}" + (f" ({self.unit})" if self.unit else "")
 
+
+def _unmapped(kind: str) -> int | None:
+    """The id every unmapped uid (``kind`` "uid") or gid reads as, when this process
+    sits in a user namespace that maps fewer ids than the kernel has (systemd's
+    PrivateUsers=yes): the kernel then shows all other users as that one id."""
+    try:
+        with open(f"/proc/sys/kernel/overflow{kind}") as f:
+            overflow = int(f.read())
+        with open(f"/proc/self/{kind}_map") as f:
+            ranges = [tuple(map(int, line.split())) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if any(inside <= overflow < inside + count for inside, _, count in ranges):
+        return None  # a real id here
+    return overflow
+
+
+#: What the kernel shows for a peer's uid/gid this namespace cannot name (else None).
+UNMAPPED_UID: Final = _unmapped("uid")
+UNMAPPED_GID: Final = _unmapped("gid")
 
 #: The daemon itself, for work it starts on its own (auto-lock, start-up).
 SELF: Final = Peer(os.getuid(), os.getgid(), 0, "secretsd")

@@ -147,6 +147,8 @@ class Policy:
     def rights(self, peer: Peer) -> Rights:
         if self.trusted(peer):
             return Rights((), True)
+        if not peer.identified:  # any other user at all (a PrivateUsers= namespace): nothing
+            return Rights((), False)
         return Rights(tuple(r for r in self.rules if r.applies_to(peer)), False)
 
     def credential_name(self, unit: str, id_: str) -> str | None:

@@ -809,6 +809,57 @@ def test_a_pid_reused_by_a_process_in_the_unit_and_group_gets_nothing_of_theirs(
     assert [code_of(g) for g in got] == [-32010, -32010]
 
 
+def test_in_a_user_namespace_that_hides_other_uids_nobody_is_granted_anything(
+    short_tmp: Path, crowd: Crowd
+) -> None:
+    """systemd's PrivateUsers=yes (the shipped unit had it) maps only root and the
+    service user: every other peer reads as uid 65534. Rules for real users then
+    never matched, and a rule for nobody (uid 65534) matched every user at once."""
+    import shutil
+
+    require_real(shutil.which("unshare") is not None, "the unshare tool")
+    short_tmp.chmod(0o711)
+    policy = rules(short_tmp / "rules.toml", f"""
+        [[rule]]
+        user = "{crowd.hue.name}"
+        names = ["provider/**"]
+        allow = ["read"]
+
+        [[rule]]
+        uid = 65534
+        names = ["llm/**"]
+        allow = ["read"]
+
+        [[rule]]
+        gid = 65534
+        names = ["admin/**"]
+        allow = ["read"]
+    """)
+    d = Daemon(short_tmp / "home", short_tmp / "run" / "s.sock", short_tmp / "d.log", ["--policy", str(policy)])
+    d.command = lambda home, sock: ["unshare", "--user", "--map-root-user",  # type: ignore[method-assign]
+                                    *Daemon.command(home, sock)]
+    d.start()
+    with SecretsClient(d.socket) as o:  # root outside is root inside: the owner
+        o.init(PASSPHRASE)
+        for name, value in SECRETS.items():
+            o.store(name, value)
+    d.socket.parent.chmod(0o711)
+    d.socket.chmod(0o666)  # the careless part: anyone may connect
+    for user in (crowd.hue, crowd.outsider):
+        with connect_as(user, d.socket) as c:
+            who = c.call("whoami")["result"]
+            got = [c.call("retrieve", name=n) for n in ("provider/hue/token", "llm/openai", "admin/root-password")]
+        assert who["uid"] == 65534 and who["rights"] == []
+        assert [code_of(g) for g in got] == [-32010] * 3, got
+    assert "maps no other users (PrivateUsers=yes?)" in d.log_text()
+    d.kill()
+
+
+def test_the_shipped_unit_keeps_the_uids_the_rules_name() -> None:
+    unit = (Path(__file__).parents[1] / "systemd" / "secretsd.service").read_text()
+    assert not [line for line in unit.splitlines() if line.strip().startswith("PrivateUsers=")]
+
+
 @pytest.mark.parametrize("line, unit, manager", [
     ("0::/system.slice/hue-bridge.service\n", "hue-bridge.service", None),
     # a service's own sub-cgroups (Delegate=yes) are that service, whatever they are called
