@@ -602,6 +602,28 @@ def test_a_full_disk_costs_the_access_log_one_error_line_and_then_a_count(short_
     assert json.loads(lines[-1])["method"] == "describe"
 
 
+def test_under_the_journal_each_line_carries_its_priority(short_tmp: Path, crowd: Crowd) -> None:
+    """journald gives a stream line priority info unless it starts with <N>: a denial
+    "at WARNING" was info in the journal (journalctl -p warning showed none).
+    (The container test below checks journald itself.)"""
+    short_tmp.chmod(0o711)
+    log = short_tmp / "d.log"
+    log.touch()
+    st = os.stat(log)
+    policy = rules(short_tmp / "rules.toml", hue_rules(crowd))
+    d = Daemon(short_tmp / "home", short_tmp / "run" / "s.sock", log,
+               ["--policy", str(policy), "--socket-group", crowd.group],
+               env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}).start()
+    with SecretsClient(d.socket) as o:
+        o.init(PASSPHRASE)
+    with connect_as(crowd.hue, d.socket, [crowd.gid]) as c:
+        c.call("retrieve", name="llm/openai")
+    d.stop()
+    lines = log.read_text().splitlines()
+    assert any(line.startswith("<4>") and "denied retrieve of llm/openai" in line for line in lines)
+    assert any(line.startswith("<6>") and "serving" in line for line in lines)
+
+
 # --- who the peer is: units and groups -------------------------------------------------------
 
 
