@@ -5,7 +5,12 @@ Each event is a JSON object: ``time`` (ISO-8601, UTC, milliseconds), ``uid``,
 (``ok``, ``denied``, ``not_found``, ``error``) and ``code`` (the error code or
 null). Events go as JSON lines to ``audit_log`` (opened 0600 with O_APPEND,
 reopened on SIGHUP so logrotate can move it), and, when systemd runs the
-daemon, to the journal at INFO. A denial is always logged at WARNING.
+daemon, to the journal at INFO. A denial is always logged at WARNING: one
+line each, up to a burst of ``DENIAL_BURST`` per uid and then
+``DENIALS_PER_SECOND``; beyond that a uid's denials are counted and told in
+one summary line (the file still has each). One peer's flood (20,000 denials
+a second are easy) would otherwise make journald drop every WARNING of the
+agent, other peers' denials with them.
 """
 
 from __future__ import annotations
@@ -47,6 +52,27 @@ def under_systemd(env: dict[str, str] | None = None) -> bool:
     return bool(env.get("INVOCATION_ID") or env.get("JOURNAL_STREAM"))
 
 
+#: Denial lines per uid: this many at once, then this many a second; the rest counted.
+DENIAL_BURST: Final = 50
+DENIALS_PER_SECOND: Final = 5.0
+
+
+class _Bucket:
+    """One uid's allowance of denial lines (a token bucket) and what it held back."""
+
+    __slots__ = ("at", "held", "since", "tokens")
+
+    def __init__(self, now: float) -> None:
+        self.tokens = float(DENIAL_BURST)
+        self.at = now
+        self.held = 0
+        self.since = now
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(float(DENIAL_BURST), self.tokens + (now - self.at) * DENIALS_PER_SECOND)
+        self.at = now
+
+
 class AuditLog:
     """Where events go; ``enabled`` is False when only denials are logged."""
 
@@ -58,6 +84,7 @@ class AuditLog:
         self._lost = 0  # events not written since writing failed
         self._second = -1
         self._prefix = ""
+        self._denials: dict[int, _Bucket] = {}
         if path is not None:
             self._fd = self._open(path)
 
@@ -109,6 +136,38 @@ class AuditLog:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
+    def _may_say_denied(self, uid: int) -> bool:
+        """Whether this denial gets its own WARNING line (else it is counted)."""
+        now = time.monotonic()
+        bucket = self._denials.get(uid)
+        if bucket is None:
+            bucket = self._denials[uid] = _Bucket(now)
+        bucket.refill(now)
+        if bucket.held and bucket.tokens >= 1:
+            self._summary(uid, bucket, now)
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return True
+        if not bucket.held:
+            bucket.since = now
+        bucket.held += 1
+        return False
+
+    def _summary(self, uid: int, bucket: _Bucket, now: float) -> None:
+        log.warning("denied %d more call(s) to uid %d in %.1f s, not logged one by one%s", bucket.held, uid,
+                    now - bucket.since, " (the access log file has each)" if self._fd is not None else "")
+        bucket.held = 0
+
+    def flush(self) -> None:
+        """Tell the denials held back that are due (call about once a second); forget idle uids."""
+        now = time.monotonic()
+        for uid, bucket in list(self._denials.items()):
+            bucket.refill(now)
+            if bucket.held and bucket.tokens >= 1:
+                self._summary(uid, bucket, now)
+            elif not bucket.held and bucket.tokens >= DENIAL_BURST:
+                del self._denials[uid]
+
     def _write(self, line: bytes) -> None:
         """Append one line. While writes fail (disk full) the error is logged once, with
         the count of lost events when writing works again; a line cut short by the
@@ -135,7 +194,8 @@ class AuditLog:
                code: int | None) -> None:
         """Log one call (cheap when nothing but denials is wanted)."""
         if outcome == "denied":
-            log.warning("denied %s of %s to %s", method, name or "-", peer)
+            if self._may_say_denied(peer.uid):
+                log.warning("denied %s of %s to %s", method, name or "-", peer)
         elif not self.enabled:
             return
         event = Event(self._now(), peer.uid, peer.pid, peer.unit, method, name, outcome, code)

@@ -75,6 +75,13 @@ async def watchdog(notifier: Notifier) -> None:
         await anyio.sleep(notifier.watchdog_interval)
 
 
+async def audit_summaries(audit: AuditLog) -> None:
+    """Once a second: the summary lines of denials held back (audit.py)."""
+    while True:
+        await anyio.sleep(1.0)
+        audit.flush()
+
+
 async def maintain(agent: Agent, interval: float) -> None:
     """Backend upkeep: the file store puts loosened modes back, a minute apart."""
     while True:
@@ -215,6 +222,7 @@ async def serve(settings: Settings, bound: BoundSocket | None, creds: BoundSocke
                 notifier.notify("READY=1", f"STATUS={await status_line(agent)}")
                 tg.start_soon(keep_status_current, agent, notifier)
                 tg.start_soon(maintain, agent, settings.maintenance_interval)
+                tg.start_soon(audit_summaries, audit)
                 tg.start_soon(poll_changes, agent.hub, lambda: agent.backend.versions(),
                               settings.openbao_watch_interval)
                 if notifier.watchdog_interval:
