@@ -42,7 +42,11 @@ from .peer import Peer, peer_of
 
 log = logging.getLogger(__name__)
 
-_REQUEST: Final = re.compile(rb"\x00[0-9a-f]+/unit/(?P<unit>[^/\x00]+)/(?P<id>[^/\x00]+)\Z")
+#: systemd's address: a unit name (its characters) and a credential id (what systemd's
+#: credential_name_valid() takes: printable ASCII but '/' and ':'). Nothing else passes,
+#: so no peer's newline ever reaches a log line.
+_REQUEST: Final = re.compile(
+    rb"\x00[0-9a-f]+/unit/(?P<unit>[A-Za-z0-9:_.\\@-]{1,256})/(?P<id>[\x20-\x2e\x30-\x39\x3b-\x7e]{1,255})\Z")
 #: systemd's CREDENTIAL_SIZE_MAX: a source sending more makes the unit fail to start.
 SYSTEMD_CREDENTIAL_MAX: Final = 1 << 20
 REFUSAL: Final = bytes(SYSTEMD_CREDENTIAL_MAX + 1)
@@ -89,10 +93,11 @@ class CredentialServer:
 
     async def _value_for(self, raw: socket.socket) -> bytes | None:
         peer = peer_of(raw)
-        request = parse_request(raw.getpeername())
+        address = raw.getpeername()
+        request = parse_request(address)
         if request is None:
-            log.warning("credentials socket: a connection from %s that is not a systemd "
-                        "LoadCredential= request; nothing was sent", peer)
+            log.warning("credentials socket: a connection from %s (address %s) that is not a systemd "
+                        "LoadCredential= request; nothing was sent", peer, ascii(address))
             return None
         unit, cred_id = request
         audited = Peer(peer.uid, peer.gid, peer.pid, unit)

@@ -660,6 +660,75 @@ def test_under_the_journal_each_line_carries_its_priority(short_tmp: Path, crowd
     assert any(line.startswith("<6>") and "serving" in line for line in lines)
 
 
+# --- the credentials socket ------------------------------------------------------------------
+
+
+def _ask_for_credential(path: Path, address: bytes) -> bytes:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(address)
+        s.settimeout(10)
+        s.connect(str(path))
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(1 << 20):
+            got += chunk
+        return got
+    finally:
+        s.close()
+
+
+def test_a_credential_request_cannot_write_lines_into_the_agents_log(short_tmp: Path, crowd: Crowd) -> None:
+    """The unit and id come from the peer's own abstract address: a newline in them
+    started a line of the peer's choosing in the agent's log (and in the journal,
+    which splits on newlines). Any user may try where the operator left the socket
+    open to all (systemd itself is root and needs no mode)."""
+    short_tmp.chmod(0o711)
+    creds = short_tmp / "run" / "creds.sock"
+    policy = rules(short_tmp / "rules.toml", """
+        [[credential]]
+        unit = "hue-bridge.service"
+        id = "hue_token"
+        name = "provider/hue/token"
+    """)
+    d = Daemon(short_tmp / "home", short_tmp / "run" / "s.sock", short_tmp / "d.log",
+               ["--policy", str(policy), "--credentials-socket", str(creds)]).start()
+    with SecretsClient(d.socket) as o:
+        o.init(PASSPHRASE)
+        o.store("provider/hue/token", "hue-token-VALUE")
+    creds.parent.chmod(0o711)
+    creds.chmod(0o666)  # the careless operator
+    forged = b"\n2099-01-01 00:00:00,000 INFO FORGED delivered"
+    got = [_ask_for_credential(creds, b"\0" + b"1234abcd/unit/hue-bridge.service" + forged + b"/hue_token")]
+
+    def as_other(chan: socket.socket) -> None:
+        chan.sendall(str(len(_ask_for_credential(
+            creds, b"\0" + b"99aa/unit/x.service/hue_token" + forged))).encode())
+
+    with child_as(crowd.other, as_other) as chan:
+        chan.settimeout(10)
+        got_other = chan.recv(64)
+    d.stop()
+    assert got == [b""] and got_other == b"0"
+    assert "FORGED" in d.log_text()  # the attempts are logged...
+    assert not [line for line in d.log_text().splitlines() if line.startswith("2099")]  # ...inside their own lines
+
+
+@pytest.mark.parametrize("address, parsed", [
+    (b"\0" + b"6a3f01/unit/hue-bridge.service/hue_token", ("hue-bridge.service", "hue_token")),
+    (b"\0" + b"6a3f01/unit/getty@tty1.service/a b.c-d", ("getty@tty1.service", "a b.c-d")),
+    (b"\0" + b"6a3f01/unit/x\\x2dy.service/id", ("x\\x2dy.service", "id")),
+    (b"\0" + b"6a3f01/unit/x.service\n2099 forged/id", None),
+    (b"\0" + b"6a3f01/unit/x.service/id\nforged", None),
+    (b"\0" + b"6a3f01/unit/x.service/a:b", None),  # systemd's ids never hold ':'
+    (b"\0" + b"6a3f01/unit/x.service/\xc3\xa9", None),
+])
+def test_only_systemds_own_shape_of_address_is_a_credential_request(address: bytes, parsed: object) -> None:
+    from homeagent_secrets.daemon.credentials import parse_request
+
+    assert parse_request(address) == parsed
+
+
 # --- who the peer is: units and groups -------------------------------------------------------
 
 
