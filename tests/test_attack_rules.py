@@ -1052,3 +1052,102 @@ def test_no_glob_of_the_legal_size_takes_long_to_match(pattern: str, name: str) 
     for _ in range(10):
         regex.match("/" + name)
     assert (time.perf_counter() - t0) / 10 < 0.01
+
+
+# --- the shipped system service, under a real systemd (one booted container) -------------------
+
+CT_SOCKET = "/run/homeagent/secretsd.sock"
+CT_AS_AGENT = {"HOMEAGENT_SECRETS_SOCKET": CT_SOCKET}
+CT_RULES = """
+[[rule]]
+user = "hue"
+names = ["provider/hue/*"]
+allow = ["read", "list"]
+
+[[rule]]
+unit = "hue-bridge.service"
+names = ["llm/**"]
+allow = ["read"]
+"""
+CT_FLOOD = r'''
+import json, socket, sys
+n, name = int(sys.argv[1]), sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/homeagent/secretsd.sock")
+batch = json.dumps([{"jsonrpc": "2.0", "id": i, "method": "retrieve", "params": {"name": name}}
+                    for i in range(100)]).encode() + b"\n"
+for _ in range(n // 100):
+    s.sendall(batch)
+    buf = b""
+    while not buf.endswith(b"\n"):
+        buf += s.recv(1 << 20)
+print(n)
+'''
+
+
+@pytest.fixture(scope="module")
+def machine() -> Iterator[Any]:
+    from . import container
+    from .test_realsystemd import ROOT, SRC, checkout_files
+
+    reason = container.unavailable()
+    require_real(reason is None, f"a container that can boot ({reason})")
+    with container.booted(extra_packages=("libpam-systemd", "dbus-user-session", "procps")) as c:
+        c.copy_in(ROOT, SRC, checkout_files())
+        c.run(["bash", f"{SRC}/systemd/install.sh"])
+        c.run("useradd -m -G homeagent hue && useradd -m -G homeagent mallory")
+        c.run(["python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+               "/etc/homeagent/rules.toml", CT_RULES])
+        c.run(["python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", "/tmp/flood.py", CT_FLOOD])
+        c.run("chmod 0644 /etc/homeagent/rules.toml /tmp/flood.py && "
+              "echo 'policy_file = \"/etc/homeagent/rules.toml\"' >> /etc/homeagent/secretsd.toml")
+        c.run("systemctl enable --now secretsd.socket secretsd.service")
+        c.run(["secretsctl", "init"], user="homeagent", env=CT_AS_AGENT, input="ct-passphrase-1\n")
+        for name, value in (("provider/hue/token", "HUE-CT-VALUE"), ("llm/openai", "LLM-CT-VALUE")):
+            c.run(["secretsctl", "set", name], user="homeagent", env=CT_AS_AGENT, input=value + "\n")
+        yield c
+
+
+def _journal(c: Any, *args: str) -> str:
+    time.sleep(0.3)  # journald writes asynchronously
+    return c.run(["journalctl", "-u", "secretsd.service", "--no-pager", "-o", "cat", *args], check=False).stdout  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_the_shipped_service_tells_each_peer_by_its_own_uid(machine: Any) -> None:
+    hue = machine.run(["secretsctl", "get", "provider/hue/token"], user="hue", env=CT_AS_AGENT, check=False)
+    who = machine.run(["secretsctl", "whoami"], user="hue", env=CT_AS_AGENT).stdout
+    mallory = machine.run(["secretsctl", "get", "provider/hue/token"], user="mallory", env=CT_AS_AGENT, check=False)
+    uid = machine.run("id -u hue").stdout.strip()
+    assert hue.returncode == 0 and hue.stdout.strip() == "HUE-CT-VALUE", (hue.stdout, hue.stderr)
+    assert f"uid: {uid}" in who
+    assert mallory.returncode != 0 and "permission denied" in mallory.stderr and "65534" not in mallory.stderr
+
+
+@pytest.mark.slow
+def test_a_denial_is_in_the_journal_at_warning_priority(machine: Any) -> None:
+    machine.run(["secretsctl", "get", "llm/at-warning"], user="mallory", env=CT_AS_AGENT, check=False)
+    assert "denied retrieve of llm/at-warning" in _journal(machine, "-p", "warning")
+
+
+@pytest.mark.slow
+def test_a_user_unit_named_like_the_system_unit_gets_nothing_of_it(machine: Any) -> None:
+    uid = machine.run("id -u mallory").stdout.strip()
+    machine.run("loginctl enable-linger mallory")
+    deadline = time.monotonic() + 20
+    while machine.run(f"systemctl is-active user@{uid}.service", check=False).stdout.strip() != "active":
+        assert time.monotonic() < deadline, "mallory's manager did not start"
+        time.sleep(0.1)
+    env = {**CT_AS_AGENT, "XDG_RUNTIME_DIR": f"/run/user/{uid}"}
+    r = machine.run(["systemd-run", "--user", "--wait", "--pipe", "--unit=hue-bridge", "--",
+                     "secretsctl", "get", "llm/openai"], user="mallory", env=env, check=False)
+    assert "LLM-CT-VALUE" not in r.stdout
+    assert "permission denied" in r.stderr and f"(hue-bridge.service of user@{uid}.service)" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_a_flood_of_denials_does_not_make_journald_drop_anothers(machine: Any) -> None:
+    """300,000 denials in 15 s: journald kept 37,498 lines and dropped hue's denial after them."""
+    machine.run(["python3", "/tmp/flood.py", "100000", "llm/openai"], user="mallory", timeout=120)
+    machine.run(["secretsctl", "get", "llm/after-the-flood"], user="hue", env=CT_AS_AGENT, check=False)
+    assert "denied retrieve of llm/after-the-flood" in _journal(machine, "-p", "warning")
