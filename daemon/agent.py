@@ -349,10 +349,14 @@ class Agent:
         return existed
 
     async def list(self, p: ListParams, peer: Peer) -> list[str]:
-        names = await self.backend.list(p.prefix)
-        if not self.policy.trusted(peer):
+        if self.policy.trusted(peer):
+            names = await self.backend.list(p.prefix)
+        else:
+            # Every name through the rules, and only then the prefix: the time taken must
+            # not tell how many names outside the grant start with it (one such name
+            # cost ~1 us, told apart from none in 4,000 tries; tests/attack_timing.py).
             rights = self.rights_of(peer)
-            names = [n for n in names if rights.may("list", n)]
+            names = [n for n in await self.backend.list("") if rights.may("list", n) and n.startswith(p.prefix)]
         if p.after:
             names = [n for n in names if n > p.after]
         return names if p.limit is None else names[:p.limit]

@@ -335,6 +335,30 @@ def test_list_never_shows_or_counts_names_outside_the_grant(guarded: Guarded) ->
                    ["provider/hue/bridge", "provider/hue/token"], [], []]
 
 
+def test_how_long_list_takes_does_not_tell_what_lies_outside_the_grant(guarded: Guarded) -> None:
+    """Before: the names under the prefix were read, then filtered by the rules, so the
+    time grew with how many unseen names start with the prefix: 1,000 of them cost
+    623 us more than none, and one name 1.0 us (95% 0.8..1.2 us over 4,000 tries each,
+    tests/attack_timing.py: enough to test for one name). The amplified case here
+    (300 names) must now cost the same as an empty prefix."""
+    import statistics
+
+    from homeagent_secrets.protocol import messages as m
+    from homeagent_secrets.protocol.secret import Secret
+
+    with guarded.owner() as o:
+        o.call_many(m.STORE, [m.StoreParams(f"admin/many/{i:04d}", Secret("v")) for i in range(300)], timeout=60)
+    with guarded.hue() as c:
+        times: dict[str, list[float]] = {"admin/many/": [], "admin/none/": []}
+        for i in range(400):
+            prefix = ("admin/many/", "admin/none/")[i % 2]
+            t0 = time.perf_counter()
+            assert c.call("list", prefix=prefix)["result"] == []
+            times[prefix].append(time.perf_counter() - t0)
+    many, none = (statistics.median(times[k]) for k in ("admin/many/", "admin/none/"))
+    assert many < 1.3 * none, (many, none)
+
+
 def test_status_shows_no_names_outside_the_grant(guarded: Guarded) -> None:
     """A damaged record's name is a name: status (always allowed) listed it to any peer."""
     home = guarded.d.home
