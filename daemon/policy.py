@@ -29,6 +29,7 @@ import grp
 import os
 import pwd
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,10 +194,26 @@ def _rule(doc: _RuleDoc, where: str) -> Rule:
                 frozenset(doc.allow))
 
 
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """Refuse rules another user could have written: whoever can, grants itself anything."""
+    me = os.getuid()
+    if st.st_uid not in (0, me):
+        raise PolicyError(f"{path}: the rules file belongs to uid {st.st_uid}, who could grant itself "
+                          "every right; make it root's (or this agent's user's)")
+    if st.st_mode & 0o022:
+        raise PolicyError(f"{path}: the rules file is writable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}), who could grant themselves every right; chmod go-w it")
+    parent = os.stat(path.parent)
+    if parent.st_uid not in (0, me) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        raise PolicyError(f"{path}: its directory lets other users replace the rules file; keep it in a "
+                          "directory only root (or this agent's user) can write")
+
+
 def load(path: Path) -> Policy:
     """The rules in ``path``; PolicyError (one line) when anything in it is wrong."""
     try:
         with open(path, "rb") as f:
+            _check_owner(path, os.fstat(f.fileno()))
             raw = tomllib.load(f)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the rules file: {exc.strerror}") from None

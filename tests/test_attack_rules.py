@@ -530,6 +530,55 @@ def test_a_cached_value_is_not_served_after_a_reload_took_the_right_and_a_rotate
     assert got == {"code": -32010}
 
 
+def test_rules_another_user_could_write_are_refused_and_the_old_ones_stay(guarded: Guarded) -> None:
+    """A careless chmod 666 of the rules file: any local user wrote itself a rule,
+    and the next SIGHUP (logrotate's postrotate reload, daily) put it in force."""
+    crowd = guarded.crowd
+    guarded.policy.chmod(0o666)
+
+    def grant_myself(chan: socket.socket) -> None:
+        with open(guarded.policy, "a") as f:
+            f.write(f'\n[[rule]]\nuid = {os.getuid()}\nnames = ["**"]\nallow = ["read", "admin"]\n')
+        chan.sendall(b"done")
+
+    with child_as(crowd.other, grant_myself) as chan:
+        chan.settimeout(10)
+        assert chan.recv(16) == b"done"
+    assert guarded.d.proc is not None
+    guarded.d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload refused" not in guarded.d.log_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "writable by group or others" in guarded.d.log_text()
+    with guarded.other() as c:
+        assert code_of(c.call("retrieve", name="llm/openai")) == -32010
+    with guarded.hue() as c:  # the old rules stay
+        assert c.call("retrieve", name="provider/hue/token")["result"]["value"] == "hue-token-VALUE"
+
+
+@pytest.mark.parametrize("how", ["mode", "owner", "directory"])
+def test_a_start_with_rules_another_user_could_write_is_refused(short_tmp: Path, crowd: Crowd, how: str) -> None:
+    from homeagent_secrets.daemon.policy import PolicyError, load
+
+    where = short_tmp / "open" if how == "directory" else short_tmp
+    where.mkdir(exist_ok=True)
+    path = rules(where / "rules.toml", f'[[rule]]\nuser = "{crowd.hue.name}"\nnames = ["a"]\nallow = ["read"]\n')
+    if how == "mode":
+        path.chmod(0o664)
+    elif how == "owner":
+        os.chown(path, crowd.hue.uid, -1)
+    else:
+        where.chmod(0o777)
+    with pytest.raises(PolicyError) as err:
+        load(path)
+    assert str(path) in err.value.message
+    r = subprocess.run([*Daemon.command(short_tmp / "h", short_tmp / "s.sock"), "--policy", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("grant" in r.stderr or "replace" in r.stderr), r.stderr
+
+
 # --- the access log -----------------------------------------------------------------------
 
 
