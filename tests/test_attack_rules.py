@@ -509,6 +509,24 @@ def _cached_reader(path: Path, name: str) -> Callable[[socket.socket], None]:
     return fn
 
 
+def test_a_peer_under_the_rules_never_reads_from_its_cache_a_value_older_than_an_acknowledged_rotate(
+    guarded: Guarded
+) -> None:
+    """The watch behind the cache is a rules-filtered one: each rotate acknowledged to
+    the owner (another process) is seen by the next cached get of the other uid."""
+    crowd = guarded.crowd
+    with child_as(crowd.hue, _cached_reader(guarded.socket, "provider/hue/token"), [crowd.gid]) as chan:
+        chan.settimeout(20)
+        answers = chan.makefile("r")
+        assert answers.readline().strip() == "ready"
+        with guarded.owner() as o:
+            for i in range(100):
+                o.rotate("provider/hue/token", f"hue-token-{i}")  # acknowledged
+                chan.sendall(b"get\n")
+                assert json.loads(answers.readline()) == {"value": f"hue-token-{i}"}, i
+        answers.close()
+
+
 def test_a_cached_value_is_not_served_after_a_reload_took_the_right_and_a_rotate_followed(
     guarded: Guarded
 ) -> None:
