@@ -18,8 +18,8 @@ credential and starts the unit. What makes it fail is more than its 1 MiB
 credential limit: systemd 252 reads one byte past the limit and aborts the
 unit at step CREDENTIALS ("Protocol error", status 243/CREDENTIALS; measured
 in tests/test_credentials.py). So a request from systemd the agent cannot
-serve (no mapping, agent locked, no such secret, a value over the limit) is
-answered with 1 MiB + 1 zero bytes, never a secret, and the agent logs which
+serve (no mapping, agent locked, no such secret, a value over the limit, any
+failure on the way) is answered with 1 MiB + 1 zero bytes, never a secret, and the agent logs which
 unit, which credential and why.
 """
 
@@ -38,6 +38,7 @@ from homeagent_secrets.protocol.errors import SecretsError
 
 from .agent import Agent
 from .audit import Outcome
+from .faults import CONNECTION_ERROR_NAME, FAULTS
 from .peer import Peer, peer_of
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,9 @@ class CredentialServer:
             try:
                 value = await self._value_for(raw)
             except Exception:
-                log.exception("credential request failed; nothing was sent")
-                return
+                # Sending nothing would start the unit with an empty credential.
+                log.exception("credential request failed; refused, the unit will not start")
+                value = REFUSAL
             if value is not None:
                 with anyio.move_on_after(10):
                     try:
@@ -107,6 +109,8 @@ class CredentialServer:
             self.agent.audit.record(audited, "credential", None, "denied", -32010)
             return None
         name = self.agent.policy.credential_name(unit, cred_id)
+        if FAULTS and "connection-error" in FAULTS and name == CONNECTION_ERROR_NAME:
+            raise MemoryError("injected by HOMEAGENT_FAULT")
         if name is None:
             return self._refuse(audited, cred_id, None, "no [[credential]] in the rules maps it to a "
                                 "secret", "not_found", -32004)

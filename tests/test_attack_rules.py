@@ -805,6 +805,52 @@ def test_a_credential_request_cannot_write_lines_into_the_agents_log(short_tmp: 
     assert not [line for line in d.log_text().splitlines() if line.startswith("2099")]  # ...inside their own lines
 
 
+def test_a_credential_request_that_fails_on_the_way_is_refused_not_answered_empty(short_tmp: Path) -> None:
+    """systemd takes an answer of nothing as an empty credential and starts the unit:
+    an unexpected failure (here an allocation, injected) sent nothing."""
+    import secrets as _secrets
+
+    from homeagent_secrets.daemon.credentials import REFUSAL
+
+    root = _cgroup2_root()
+    require_real(root is not None and os.access(root, os.W_OK), "a writable cgroup v2 tree")
+    assert root is not None
+    creds = short_tmp / "creds.sock"
+    policy = rules(short_tmp / "rules.toml", """
+        [[credential]]
+        unit = "hue-bridge.service"
+        id = "boom"
+        name = "fault/connection-error"
+    """)
+    d = Daemon(short_tmp / "home", short_tmp / "s.sock", short_tmp / "d.log",
+               ["--policy", str(policy), "--credentials-socket", str(creds)],
+               env={"HOMEAGENT_FAULT": "connection-error"}).start()
+    with SecretsClient(d.socket) as o:
+        o.init(PASSPHRASE)
+    unit = root / f"ha{_secrets.token_hex(3)}.slice" / "hue-bridge.service"
+    unit.mkdir(parents=True)
+    try:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # as systemd's child does: root, in the unit's cgroup
+            try:
+                (unit / "cgroup.procs").write_text(str(os.getpid()))
+                got = _ask_for_credential(creds, b"\0" + b"5eed/unit/hue-bridge.service/boom")
+                os.write(w, str(len(got)).encode() + b" " + str(got == REFUSAL).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            answer = f.read()
+        os.waitpid(pid, 0)
+    finally:
+        unit.rmdir()
+        unit.parent.rmdir()
+    d.stop()
+    assert answer == f"{len(REFUSAL)} True", answer
+    assert "credential request failed; refused" in d.log_text()
+
+
 @pytest.mark.parametrize("address, parsed", [
     (b"\0" + b"6a3f01/unit/hue-bridge.service/hue_token", ("hue-bridge.service", "hue_token")),
     (b"\0" + b"6a3f01/unit/getty@tty1.service/a b.c-d", ("getty@tty1.service", "a b.c-d")),
