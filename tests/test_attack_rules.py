@@ -11,6 +11,7 @@ cgroup v2 hierarchy the way systemd delegates a subtree to a user's manager.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -384,6 +385,33 @@ def test_status_shows_no_names_outside_the_grant(guarded: Guarded) -> None:
         other = c.call("status")["result"]
     assert [d["name"] for d in hue["damaged"]] == ["provider/hue/victim"]  # one it may list
     assert other["damaged"] == []
+
+
+def test_another_user_cannot_take_every_connection(short_tmp: Path, crowd: Crowd) -> None:
+    """A peer with no rule at all may still connect (status, whoami), and one that
+    calls status now and then is never idle: it held all max_connections, and the
+    agent's own user was refused (-32006 too_many_connections)."""
+    short_tmp.chmod(0o711)
+    policy = rules(short_tmp / "rules.toml", hue_rules(crowd))
+    d = Daemon(short_tmp / "home", short_tmp / "run" / "s.sock", short_tmp / "d.log",
+               ["--policy", str(policy), "--socket-group", crowd.group, "--max-connections", "16"]).start()
+    with SecretsClient(d.socket) as o:
+        o.init(PASSPHRASE)
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(connect_as(crowd.other, d.socket, [crowd.gid])) for _ in range(16)]
+        answers = []
+        for c in held:
+            try:
+                answers.append(c.call("status").get("result") is not None)
+            except (EOFError, OSError, AssertionError):  # refused and closed
+                answers.append(False)
+        assert answers.count(True) == 4, answers  # a quarter of 16
+        with connect_as(crowd.hue, d.socket, [crowd.gid]) as hue:
+            assert "result" in hue.call("whoami")
+        with SecretsClient(d.socket) as o:
+            assert o.status().initialized
+    assert "uid %d has 4 connections open" % crowd.other.uid in d.log_text()
+    d.kill()
 
 
 # --- watches ----------------------------------------------------------------------------------
