@@ -5,13 +5,20 @@ Each event is a JSON object: ``time`` (ISO-8601, UTC, milliseconds), ``uid``,
 (``ok``, ``denied``, ``not_found``, ``error``) and ``code`` (the error code or
 null). Events go as JSON lines to ``audit_log`` (opened 0600 with O_APPEND,
 reopened on SIGHUP so logrotate can move it), and, when systemd runs the
-daemon, to the journal at INFO. A denial is always logged at WARNING.
+daemon, to the journal at INFO. A denial is always logged at WARNING: one
+line each, up to a burst of ``DENIAL_BURST`` per uid and then
+``DENIALS_PER_SECOND``; beyond that a uid's denials are counted and told in
+one summary line (the file still has each). One peer's flood (20,000 denials
+a second are easy) would otherwise make journald drop every WARNING of the
+agent, other peers' denials with them.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Final, Literal
@@ -45,6 +52,27 @@ def under_systemd(env: dict[str, str] | None = None) -> bool:
     return bool(env.get("INVOCATION_ID") or env.get("JOURNAL_STREAM"))
 
 
+#: Denial lines per uid: this many at once, then this many a second; the rest counted.
+DENIAL_BURST: Final = 50
+DENIALS_PER_SECOND: Final = 5.0
+
+
+class _Bucket:
+    """One uid's allowance of denial lines (a token bucket) and what it held back."""
+
+    __slots__ = ("at", "held", "since", "tokens")
+
+    def __init__(self, now: float) -> None:
+        self.tokens = float(DENIAL_BURST)
+        self.at = now
+        self.held = 0
+        self.since = now
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(float(DENIAL_BURST), self.tokens + (now - self.at) * DENIALS_PER_SECOND)
+        self.at = now
+
+
 class AuditLog:
     """Where events go; ``enabled`` is False when only denials are logged."""
 
@@ -52,8 +80,11 @@ class AuditLog:
         self.path = path
         self.journal = journal
         self._fd: int | None = None
+        self._cut = False  # the last write stopped mid-line
+        self._lost = 0  # events not written since writing failed
         self._second = -1
         self._prefix = ""
+        self._denials: dict[int, _Bucket] = {}
         if path is not None:
             self._fd = self._open(path)
 
@@ -63,8 +94,18 @@ class AuditLog:
 
     @staticmethod
     def _open(path: Path) -> int:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
+        """The file, appended to; OSError unless it is a regular file (never a symlink:
+        O_NOFOLLOW; never a FIFO or device: O_NONBLOCK, so opening one cannot hang)."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            os.fchmod(fd, 0o600)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def reopen(self) -> None:
@@ -78,6 +119,7 @@ class AuditLog:
                       self.path, exc.strerror)
             return
         old, self._fd = self._fd, fd
+        self._cut = False  # a new file: no line of it was cut short
         if old is not None:
             os.close(old)
 
@@ -94,19 +136,71 @@ class AuditLog:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
+    def _may_say_denied(self, uid: int) -> bool:
+        """Whether this denial gets its own WARNING line (else it is counted)."""
+        now = time.monotonic()
+        bucket = self._denials.get(uid)
+        if bucket is None:
+            bucket = self._denials[uid] = _Bucket(now)
+        bucket.refill(now)
+        if bucket.held and bucket.tokens >= 1:
+            self._summary(uid, bucket, now)
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return True
+        if not bucket.held:
+            bucket.since = now
+        bucket.held += 1
+        return False
+
+    def _summary(self, uid: int, bucket: _Bucket, now: float) -> None:
+        log.warning("denied %d more call(s) to uid %d in %.1f s, not logged one by one%s", bucket.held, uid,
+                    now - bucket.since, " (the access log file has each)" if self._fd is not None else "")
+        bucket.held = 0
+
+    def flush(self) -> None:
+        """Tell the denials held back that are due (call about once a second); forget idle uids."""
+        now = time.monotonic()
+        for uid, bucket in list(self._denials.items()):
+            bucket.refill(now)
+            if bucket.held and bucket.tokens >= 1:
+                self._summary(uid, bucket, now)
+            elif not bucket.held and bucket.tokens >= DENIAL_BURST:
+                del self._denials[uid]
+
+    def _write(self, line: bytes) -> None:
+        """Append one line. While writes fail (disk full) the error is logged once, with
+        the count of lost events when writing works again; a line cut short by the
+        failure is ended first, so the next event starts a line of its own."""
+        assert self._fd is not None
+        data = b"\n" + line if self._cut else line
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            written, why = 0, exc.strerror
+        else:
+            why = "no space left for the whole line"
+        if written == len(data):
+            if self._lost:
+                log.error("the access log %s is written again; %d event(s) were lost", self.path, self._lost)
+            self._cut, self._lost = False, 0
+            return
+        self._cut = self._cut or written > 0
+        if not self._lost:
+            log.error("cannot write the access log %s: %s; events are lost until it can", self.path, why)
+        self._lost += 1
+
     def record(self, peer: Peer, method: str, name: str | None, outcome: Outcome,
                code: int | None) -> None:
         """Log one call (cheap when nothing but denials is wanted)."""
         if outcome == "denied":
-            log.warning("denied %s of %s to %s", method, name or "-", peer)
+            if self._may_say_denied(peer.uid):
+                log.warning("denied %s of %s to %s", method, name or "-", peer)
         elif not self.enabled:
             return
         event = Event(self._now(), peer.uid, peer.pid, peer.unit, method, name, outcome, code)
         line = _encoder.encode(event)
         if self._fd is not None:
-            try:
-                os.write(self._fd, line + b"\n")
-            except OSError as exc:
-                log.error("cannot write the access log %s: %s", self.path, exc.strerror)
+            self._write(line + b"\n")
         if self.journal and outcome != "denied":
             log.info("%s", line.decode())

@@ -18,8 +18,8 @@ credential and starts the unit. What makes it fail is more than its 1 MiB
 credential limit: systemd 252 reads one byte past the limit and aborts the
 unit at step CREDENTIALS ("Protocol error", status 243/CREDENTIALS; measured
 in tests/test_credentials.py). So a request from systemd the agent cannot
-serve (no mapping, agent locked, no such secret, a value over the limit) is
-answered with 1 MiB + 1 zero bytes, never a secret, and the agent logs which
+serve (no mapping, agent locked, no such secret, a value over the limit, any
+failure on the way) is answered with 1 MiB + 1 zero bytes, never a secret, and the agent logs which
 unit, which credential and why.
 """
 
@@ -38,11 +38,16 @@ from homeagent_secrets.protocol.errors import SecretsError
 
 from .agent import Agent
 from .audit import Outcome
+from .faults import CONNECTION_ERROR_NAME, FAULTS
 from .peer import Peer, peer_of
 
 log = logging.getLogger(__name__)
 
-_REQUEST: Final = re.compile(rb"\x00[0-9a-f]+/unit/(?P<unit>[^/\x00]+)/(?P<id>[^/\x00]+)\Z")
+#: systemd's address: a unit name (its characters) and a credential id (what systemd's
+#: credential_name_valid() takes: printable ASCII but '/' and ':'). Nothing else passes,
+#: so no peer's newline ever reaches a log line.
+_REQUEST: Final = re.compile(
+    rb"\x00[0-9a-f]+/unit/(?P<unit>[A-Za-z0-9:_.\\@-]{1,256})/(?P<id>[\x20-\x2e\x30-\x39\x3b-\x7e]{1,255})\Z")
 #: systemd's CREDENTIAL_SIZE_MAX: a source sending more makes the unit fail to start.
 SYSTEMD_CREDENTIAL_MAX: Final = 1 << 20
 REFUSAL: Final = bytes(SYSTEMD_CREDENTIAL_MAX + 1)
@@ -78,8 +83,9 @@ class CredentialServer:
             try:
                 value = await self._value_for(raw)
             except Exception:
-                log.exception("credential request failed; nothing was sent")
-                return
+                # Sending nothing would start the unit with an empty credential.
+                log.exception("credential request failed; refused, the unit will not start")
+                value = REFUSAL
             if value is not None:
                 with anyio.move_on_after(10):
                     try:
@@ -89,19 +95,22 @@ class CredentialServer:
 
     async def _value_for(self, raw: socket.socket) -> bytes | None:
         peer = peer_of(raw)
-        request = parse_request(raw.getpeername())
+        address = raw.getpeername()
+        request = parse_request(address)
         if request is None:
-            log.warning("credentials socket: a connection from %s that is not a systemd "
-                        "LoadCredential= request; nothing was sent", peer)
+            log.warning("credentials socket: a connection from %s (address %s) that is not a systemd "
+                        "LoadCredential= request; nothing was sent", peer, ascii(address))
             return None
         unit, cred_id = request
         audited = Peer(peer.uid, peer.gid, peer.pid, unit)
-        if peer.uid != 0 or (peer.pid != 1 and peer.unit != unit):
+        if peer.uid != 0 or (peer.pid != 1 and (peer.unit != unit or peer.manager is not None)):
             log.warning("credentials socket: %s claims to be %s asking for %r, but only systemd "
                         "starting that unit is believed; nothing was sent", peer, unit, cred_id)
             self.agent.audit.record(audited, "credential", None, "denied", -32010)
             return None
         name = self.agent.policy.credential_name(unit, cred_id)
+        if FAULTS and "connection-error" in FAULTS and name == CONNECTION_ERROR_NAME:
+            raise MemoryError("injected by HOMEAGENT_FAULT")
         if name is None:
             return self._refuse(audited, cred_id, None, "no [[credential]] in the rules maps it to a "
                                 "secret", "not_found", -32004)

@@ -21,6 +21,7 @@ from homeagent_secrets.protocol import __version__
 from homeagent_secrets.protocol.errors import SecretsError
 from homeagent_secrets.protocol.messages import NoParams
 
+from . import peer as peer_mod
 from . import policy as policy_mod
 from . import selection
 from . import settings as settings_mod
@@ -72,6 +73,13 @@ async def watchdog(notifier: Notifier) -> None:
     while True:
         notifier.notify("WATCHDOG=1")
         await anyio.sleep(notifier.watchdog_interval)
+
+
+async def audit_summaries(audit: AuditLog) -> None:
+    """Once a second: the summary lines of denials held back (audit.py)."""
+    while True:
+        await anyio.sleep(1.0)
+        audit.flush()
 
 
 async def maintain(agent: Agent, interval: float) -> None:
@@ -168,7 +176,15 @@ async def serve(settings: Settings, bound: BoundSocket | None, creds: BoundSocke
     notifier = Notifier()
     policy = (policy_mod.load(Path(settings.policy_file)) if settings.policy_file
               else policy_mod.Policy())
-    audit = AuditLog(Path(settings.audit_log) if settings.audit_log else None, under_systemd())
+    try:
+        audit = AuditLog(Path(settings.audit_log) if settings.audit_log else None, under_systemd())
+    except OSError as exc:
+        raise settings_mod.ConfigError(f"cannot open the access log {settings.audit_log}: "
+                                       f"{exc.strerror}") from None
+    if policy.active and peer_mod.UNMAPPED_UID is not None:
+        log.warning("secretsd runs in a user namespace that maps no other users (PrivateUsers=yes?): "
+                    "every peer of another uid reads as uid %d, so the access rules grant them nothing; "
+                    "run it without PrivateUsers= for the rules to apply", peer_mod.UNMAPPED_UID)
     backend = await open_backend(settings)
     home = settings.home_path
     agent = Agent(
@@ -206,6 +222,7 @@ async def serve(settings: Settings, bound: BoundSocket | None, creds: BoundSocke
                 notifier.notify("READY=1", f"STATUS={await status_line(agent)}")
                 tg.start_soon(keep_status_current, agent, notifier)
                 tg.start_soon(maintain, agent, settings.maintenance_interval)
+                tg.start_soon(audit_summaries, audit)
                 tg.start_soon(poll_changes, agent.hub, lambda: agent.backend.versions(),
                               settings.openbao_watch_interval)
                 if notifier.watchdog_interval:

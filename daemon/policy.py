@@ -17,8 +17,10 @@ Without a file: the agent's own uid and root have every right, others none
 (and are refused at connect). With one: the agent's uid and root still have
 every right (the uid is the boundary: they can read the files anyway);
 everyone else has only what a rule grants. A rule's selectors (user/uid,
-group/gid, unit) must all match, and at least one is required. An unknown
-key, action, user or group makes the whole file invalid.
+group/gid, unit) must all match, and at least one is required. A ``unit`` is a
+system unit; a unit of a user's own service manager (``systemctl --user``)
+matches only a rule that also names that user, since the user names it. An
+unknown key, action, user or group makes the whole file invalid.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import grp
 import os
 import pwd
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +85,12 @@ class Rule:
     def applies_to(self, peer: Peer) -> bool:
         return ((self.uid is None or peer.uid == self.uid)
                 and (self.gid is None or peer.in_group(self.gid))
-                and (self.unit is None or peer.unit == self.unit))
+                and (self.unit is None or self._is_unit_of(peer)))
+
+    def _is_unit_of(self, peer: Peer) -> bool:
+        # A unit of a user's own manager was named by that user: it proves
+        # nothing unless the rule is for that very user anyway.
+        return peer.unit == self.unit and (peer.manager is None or peer.manager == self.uid)
 
     def covers(self, name: str) -> bool:
         slashed = "/" + name
@@ -140,6 +148,8 @@ class Policy:
     def rights(self, peer: Peer) -> Rights:
         if self.trusted(peer):
             return Rights((), True)
+        if not peer.identified:  # any other user at all (a PrivateUsers= namespace): nothing
+            return Rights((), False)
         return Rights(tuple(r for r in self.rules if r.applies_to(peer)), False)
 
     def credential_name(self, unit: str, id_: str) -> str | None:
@@ -184,10 +194,26 @@ def _rule(doc: _RuleDoc, where: str) -> Rule:
                 frozenset(doc.allow))
 
 
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """Refuse rules another user could have written: whoever can, grants itself anything."""
+    me = os.getuid()
+    if st.st_uid not in (0, me):
+        raise PolicyError(f"{path}: the rules file belongs to uid {st.st_uid}, who could grant itself "
+                          "every right; make it root's (or this agent's user's)")
+    if st.st_mode & 0o022:
+        raise PolicyError(f"{path}: the rules file is writable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}), who could grant themselves every right; chmod go-w it")
+    parent = os.stat(path.parent)
+    if parent.st_uid not in (0, me) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        raise PolicyError(f"{path}: its directory lets other users replace the rules file; keep it in a "
+                          "directory only root (or this agent's user) can write")
+
+
 def load(path: Path) -> Policy:
     """The rules in ``path``; PolicyError (one line) when anything in it is wrong."""
     try:
         with open(path, "rb") as f:
+            _check_owner(path, os.fstat(f.fileno()))
             raw = tomllib.load(f)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the rules file: {exc.strerror}") from None

@@ -79,6 +79,11 @@ class ServerLimits:
     max_inflight_per_connection: int = 16
     drain_timeout: float = 5.0
 
+    @property
+    def per_uid_cap(self) -> int:
+        """Connections one uid other than the agent's (and root) may hold: a quarter."""
+        return max(1, self.max_connections // 4)
+
 
 class Server:
     """Serves the dispatcher on a listening Unix socket."""
@@ -90,6 +95,7 @@ class Server:
         self.limits = limits or ServerLimits()
         self.uid = os.getuid()
         self._live: set[_Connection] = set()
+        self._per_uid: dict[int, int] = {}  # connections held by each uid under the rules
         self._accept_scope: anyio.CancelScope | None = None
         self.draining = False
         self._all_closed: anyio.Event | None = None  # made only while the drain waits
@@ -184,25 +190,46 @@ class Server:
                 if self.connections >= self.limits.max_connections:
                     await self._refuse_over_cap(stream, peer)
                     return
+                foreign = not policy.trusted(peer)
+                if foreign and self._per_uid.get(peer.uid, 0) >= self.limits.per_uid_cap:
+                    # One other user may not take every connection (a status now and
+                    # then keeps each one busy) and so shut out the agent's own user.
+                    await self._refuse_over_cap(stream, peer, self.limits.per_uid_cap)
+                    return
                 if self.draining:
                     return
                 conn = _Connection(self, stream, peer)
                 self._live.add(conn)
+                if foreign:
+                    self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
                 try:
                     await conn.run()
                 finally:
                     self._closed(conn)
+                    if foreign:
+                        left = self._per_uid[peer.uid] - 1
+                        if left:
+                            self._per_uid[peer.uid] = left
+                        else:
+                            del self._per_uid[peer.uid]
             except Exception:  # one peer's failure (even MemoryError) is that peer's alone
                 log.exception("connection from %s failed and was closed; the agent goes on",
                               peer or "an unknown peer")
 
-    async def _refuse_over_cap(self, stream: anyio.abc.SocketStream, peer: Peer) -> None:
-        log.warning("refused connection from %s: %d connections open (limit %d)",
-                    peer, self.connections, self.limits.max_connections)
+    async def _refuse_over_cap(self, stream: anyio.abc.SocketStream, peer: Peer,
+                               per_uid: int | None = None) -> None:
+        if per_uid is None:
+            log.warning("refused connection from %s: %d connections open (limit %d)",
+                        peer, self.connections, self.limits.max_connections)
+            why = (f"the agent has {self.connections} connections open (limit "
+                   f"{self.limits.max_connections}); close idle clients and retry")
+        else:
+            log.warning("refused connection from %s: uid %d has %d connections open (limit %d per "
+                        "other user)", peer, peer.uid, per_uid, per_uid)
+            why = (f"uid {peer.uid} has {per_uid} connections open, the most one user other than the "
+                   "agent's may hold; close idle clients and retry")
         out = bytearray()
-        reject(None, TooManyConnectionsError(
-            f"the agent has {self.connections} connections open (limit "
-            f"{self.limits.max_connections}); close idle clients and retry"), out)
+        reject(None, TooManyConnectionsError(why), out)
         with anyio.move_on_after(1):
             await stream.send(bytes(out))
 

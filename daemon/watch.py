@@ -24,7 +24,7 @@ from typing import Final, Protocol
 
 import anyio
 
-from homeagent_secrets.protocol.errors import SecretsError
+from homeagent_secrets.protocol.errors import InvalidParams, SecretsError
 from homeagent_secrets.protocol.messages import Changed, ChangeEvent
 from homeagent_secrets.protocol.names import glob_regex
 from homeagent_secrets.protocol.rpc import encode_notification
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: Events one connection may have waiting; beyond that, one ``overflow``.
 OUTBOX_LIMIT: Final = 4096
+#: Watches one connection may hold: each is matched against every change, so
+#: their number is what one peer makes every write cost (a client needs one).
+MAX_WATCHES_PER_CONNECTION: Final = 16
 _OVERFLOW: Final = encode_notification("overflow")
 _LOCKED: Final = encode_notification("locked")
 _UNLOCKED: Final = encode_notification("unlocked")
@@ -101,6 +104,9 @@ class Hub:
         return conn in self._by_conn
 
     def subscribe(self, conn: Subscriber, patterns: list[str]) -> int:
+        if len(self._by_conn.get(conn, ())) >= MAX_WATCHES_PER_CONNECTION:
+            raise InvalidParams(f"a connection may hold at most {MAX_WATCHES_PER_CONNECTION} watches: "
+                                "unwatch one, or give one watch several patterns")
         watch = next(self._ids)
         self._watches[watch] = (conn, tuple(glob_regex(p) for p in patterns))
         self._by_conn.setdefault(conn, set()).add(watch)
@@ -131,14 +137,23 @@ class Hub:
         slashed = "/" + name
         sent = False
         for watch, (conn, patterns) in self._watches.items():
-            if patterns and not any(p.match(slashed) for p in patterns):
-                continue
+            # The rules first: a watcher's own patterns are matched only against
+            # names it may read (they are its input; the rules are the operator's).
             peer = conn.peer
             if not (self._trusted(peer) or self._rights_of(peer).may("read", name)):
+                continue
+            if patterns and not any(p.match(slashed) for p in patterns):
                 continue
             conn.outbox.put(encode_notification("changed", Changed(watch, name, version, event)))
             sent = True
         return sent
+
+    def resync(self) -> None:
+        """Tell every watching connection to read again what it cares about (an
+        ``overflow``): after a reload of the rules, the names it is told about may
+        have changed, and a cache must not keep what it may no longer be told of."""
+        for conn in self._by_conn:
+            conn.outbox.put(_OVERFLOW)
 
     def state(self, locked: bool) -> bool:
         """Tell every watching connection (once each) that the agent locked or unlocked."""

@@ -67,6 +67,28 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def _segment_regex(seg: str) -> str:
+    """One segment of a glob (no ``**``), matching one whole name segment after its '/'.
+
+    Between stars the pieces have a fixed length, so the leftmost place of each
+    middle piece is always a right one: an atomic group takes it and never tries
+    another. Only the last star backtracks, over one segment. Hence no pattern
+    costs more than (segment length x pattern length) steps: a glob is a peer's
+    input (``watch``), and plain ``[^/]*`` pieces backtrack exponentially
+    (``*a*a*a*a*ab`` against a long run of ``a`` never ends).
+    """
+    def piece(text: str) -> str:
+        return "".join("[^/]" if ch == "?" else re.escape(ch) for ch in text)
+
+    pieces = re.split(r"\*+", seg)
+    if len(pieces) == 1:
+        body = piece(seg)
+    else:
+        first, *middle, last = pieces
+        body = piece(first) + "".join(f"(?>[^/]*?{piece(p)})" for p in middle if p) + "[^/]*" + piece(last)
+    return f"(?>/{body}(?![^/]))"
+
+
 def glob_regex(pattern: str) -> re.Pattern[str]:
     """A name glob on /-segments, as a regex to match against ``"/" + name``.
 
@@ -74,15 +96,26 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     ``provider/hue/token``), ``?`` one character of a segment, and a ``**``
     segment any number of whole segments, none included (``provider/**``
     matches ``provider`` and everything below it).
+
+    Matching costs at most about (name length x pattern length) steps, whatever
+    the pattern: the runs of segments between ``**`` have fixed lengths, so each
+    middle run is placed at its leftmost fit and never moved (atomic groups), and
+    so is each piece between stars inside a segment (``_segment_regex``).
     """
-    parts = []
+    blocks: list[list[str]] = [[]]
     for seg in pattern.split("/"):
         if seg == "**":
-            parts.append(r"(?:/[^/]+)*")
+            if blocks[-1] or len(blocks) == 1:
+                blocks.append([])
         else:
-            body = "".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in seg)
-            parts.append("/" + body)
-    return re.compile("".join(parts) + r"\Z")
+            blocks[-1].append(_segment_regex(seg))
+    if len(blocks) == 1:
+        return re.compile("".join(blocks[0]) + r"\Z")
+    first, *middle, last = blocks
+    out = "".join(first)
+    out += "".join(f"(?>(?:/[^/]++)*?{''.join(b)})" for b in middle if b)
+    out += f"(?:/[^/]++)*{''.join(last)}\\Z" if last else r"(?:/[^/]++)*+\Z"
+    return re.compile(out)
 
 
 def pattern_problem(pattern: str) -> str | None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import secrets as _secrets
 import shutil
 import signal
 import socket
@@ -228,9 +231,6 @@ def unlocked(daemon: Daemon) -> Daemon:
 def throwaway_user() -> Iterator[tuple[int, int]]:
     """(uid, gid) of a fresh system user, removed afterwards (needs root)."""
     require_real(os.geteuid() == 0 and shutil.which("useradd") is not None, "a second uid (root + useradd)")
-    import pwd
-    import secrets as _secrets
-
     name = f"hatest{_secrets.token_hex(3)}"
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                    check=True, capture_output=True)
@@ -287,3 +287,44 @@ def keyring_env(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[di
     with gnome_keyring(short_tmp) as env:
         monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", env["DBUS_SESSION_BUS_ADDRESS"])
         yield env
+
+
+# --- throwaway uids -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class Crowd:
+    group: str
+    gid: int
+    hue: User  # in the group, with a rule
+    other: User  # in the group, without a rule
+    outsider: User  # not in the group
+
+
+@pytest.fixture
+def crowd() -> Iterator[Crowd]:
+    """A group and three fresh system users, removed afterwards (needs root)."""
+    require_real(os.geteuid() == 0 and shutil.which("useradd") is not None,
+                 "throwaway uids (root + useradd)")
+    tag = _secrets.token_hex(3)
+    group = f"hagw{tag}"
+    names = [f"hahue{tag}", f"haoth{tag}", f"haout{tag}"]
+    subprocess.run(["groupadd", "--system", group], check=True, capture_output=True)
+    try:
+        for i, name in enumerate(names):
+            extra = ["-G", group] if i < 2 else []
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                            *extra, name], check=True, capture_output=True)
+        users = [User(n, pwd.getpwnam(n).pw_uid, pwd.getpwnam(n).pw_gid) for n in names]
+        yield Crowd(group, grp.getgrnam(group).gr_gid, *users)
+    finally:
+        for name in names:
+            subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["groupdel", group], capture_output=True)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import secrets as _secrets
 import signal
 import socket
 import subprocess
@@ -16,7 +14,6 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,49 +23,7 @@ from homeagent_secrets.daemon.peer import unit_of_cgroup
 from homeagent_secrets.daemon.policy import PolicyError, load
 from homeagent_secrets.protocol.names import glob_regex
 
-from .conftest import PASSPHRASE, Daemon, require_real, run_as
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    uid: int
-    gid: int
-
-
-@dataclass(frozen=True)
-class Crowd:
-    group: str
-    gid: int
-    hue: User  # in the group, with a rule
-    other: User  # in the group, without a rule
-    outsider: User  # not in the group
-
-
-@pytest.fixture
-def crowd() -> Iterator[Crowd]:
-    """A group and three fresh system users, removed afterwards (needs root)."""
-    import shutil
-
-    require_real(os.geteuid() == 0 and shutil.which("useradd") is not None,
-                 "throwaway uids (root + useradd)")
-    tag = _secrets.token_hex(3)
-    group = f"hagw{tag}"
-    names = [f"hahue{tag}", f"haoth{tag}", f"haout{tag}"]
-    subprocess.run(["groupadd", "--system", group], check=True, capture_output=True)
-    try:
-        for i, name in enumerate(names):
-            extra = ["-G", group] if i < 2 else []
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                            *extra, name], check=True, capture_output=True)
-        users = [User(n, pwd.getpwnam(n).pw_uid, pwd.getpwnam(n).pw_gid) for n in names]
-        import grp
-
-        yield Crowd(group, grp.getgrnam(group).gr_gid, *users)
-    finally:
-        for name in names:
-            subprocess.run(["userdel", name], capture_output=True)
-        subprocess.run(["groupdel", group], capture_output=True)
+from .conftest import PASSPHRASE, Crowd, Daemon, User, run_as
 
 
 def calls_as(sock: Path, calls: list[tuple[str, list[object]]]) -> bytes:
