@@ -5,6 +5,10 @@ calls, the dispatcher answers them. Reads are answered inline in arrival
 order and the answers of one received chunk go out in one send; writes (and
 batches holding one) run as tasks of the connection, so a slow fsync never
 holds the retrieves behind it and answers may come back out of order.
+The common case, a chunk that is exactly one ``retrieve`` on a connection
+with nothing else going on, is answered and written with no task, lock or
+await (``ServerProtocol.quick``); that path is what the benchmark's CPU per
+answer measures (tests/bench/RESULTS.md).
 
 What one peer can cost is bounded, so no peer stops the agent for others:
 - at most ``max_inflight_per_connection`` write tasks per connection; at the
@@ -19,7 +23,7 @@ What one peer can cost is bounded, so no peer stops the agent for others:
 - an exception in one connection closes that connection (logged once); the
   server and every other connection go on.
 
-Why one module of ~450 lines: the listener, the reaper and the connection
+Why one module of ~500 lines: the listener, the reaper and the connection
 share the limits and the drain; the protocol itself is ``protocol/server.py``.
 """
 
@@ -313,6 +317,22 @@ class _Connection:
                 self.last_active = time.monotonic()  # the peer read: it is not idle
             view.release()
 
+    async def _send_quick(self, data: bytearray) -> None:
+        """``send`` for the reader alone: one system call, awaiting only a full socket."""
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.gone = True
+            return
+        if sent < len(data):
+            self.inline = True  # an answer under way: a drain lets it finish
+            try:
+                await self.send(data[sent:])
+            finally:
+                self.inline = False
+
     async def send(self, data: bytes | bytearray) -> None:
         if self.tasks == 0 and not self._notifying and not self.send_lock.locked():
             await self._send_now(data)  # only the reader can send now: no lock needed
@@ -405,6 +425,27 @@ class _Connection:
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 break
             self.last_active = time.monotonic()
+            if not FAULTS and self.tasks == 0 and not self._notifying:
+                # One request answered from memory, nothing else read and nothing
+                # else sending: answered and written here, with no await unless
+                # the socket is full (most of what a busy agent does).
+                call = self.proto.quick(data)
+                if call is not None:
+                    out = bytearray()
+                    if not dispatcher.answer_now(call, peer, out):
+                        # The backend must be asked (keychain, OpenBao): a call is running,
+                        # so neither idleness for the reaper nor cancellable by a drain.
+                        self.inline = True
+                        try:
+                            await dispatcher.answer(call, peer, out)
+                        finally:
+                            self.inline = False
+                            self.last_active = time.monotonic()
+                    if out:
+                        await self._send_quick(out)
+                    if self.gone:
+                        break
+                    continue
             out = bytearray()
             lines = self.proto.frames(data)
             # A message cut in two (or cut off) may be an unlock.

@@ -359,3 +359,56 @@ async def test_an_old_passphrase_with_a_newline_can_still_unlock(pair: MemoryPai
     got = await answer(pair, json.dumps({"jsonrpc": "2.0", "id": 1, "method": "unlock",
                                          "params": {"passphrase": "made\tbefore"}}))
     assert isinstance(got, dict) and got["result"] == {"locked": False}
+
+
+def test_the_quick_path_takes_only_one_whole_well_formed_read_request() -> None:
+    """``ServerProtocol.quick`` (the server's one-request fast path) gives the same call as
+    the general way, or None, and never for anything the general way would refuse."""
+    from homeagent_secrets.protocol.server import Call, ServerProtocol
+
+    good = b'{"jsonrpc":"2.0","id":7,"method":"retrieve","params":{"name":"a/b"}}\n'
+    p = ServerProtocol()
+    call = p.quick(good)
+    assert isinstance(call, Call) and call.method is m.RETRIEVE and call.id == 7
+    assert call.params == RetrieveParams("a/b")
+    assert p.quick(good.replace(b'}}', b',"version":"previous"}}')) is not None
+    refused = [
+        good[:-1],  # not a whole line yet
+        good + good,  # two requests in one read
+        b"[" + good[:-1] + b"]\n",  # a batch
+        good.replace(b'"name":"a/b"', b'"name":"a/b","name":"admin/x"'),  # a repeated key
+        good.replace(b'{"name":"a/b"}', b'["a/b"]'),  # positional params
+        good.replace(b'"2.0"', b'"1.0"'),
+        good.replace(b"retrieve", b"store").replace(b'"a/b"', b'"a/b","value":"v"'),  # not nowait
+        good.replace(b"retrieve", b"unlock").replace(b'{"name":"a/b"}', b'{"passphrase":"p"}'),
+        b"\n",
+    ]
+    for line in refused:
+        assert ServerProtocol().quick(line) is None, line
+    # Something held from an earlier read: the line completes that one, not a request.
+    held = ServerProtocol()
+    assert held.frames(b'{"jsonrpc":"2.0",') == []
+    assert held.quick(good) is None
+    # Over the frame limit: the general way reports it.
+    small = ServerProtocol(max_frame=len(good) - 2)
+    assert small.quick(good) is None
+    # The bad-message corpus and the fuzzer's corpus, and the good line made odd in
+    # every way the fuzzer would: quick agrees with the general way, or declines.
+    corpus = Path(__file__).parent / "corpus"
+    cases = json.loads((corpus / "bad_messages.json").read_text())["cases"]
+    lines = [c["send"].encode() for c in cases if isinstance(c["send"], str)]
+    lines += [f.read_bytes() for f in sorted((corpus / "fuzz").iterdir())]
+    lines += [good[:i] + bytes([b]) + good[i + 1:] for i in range(len(good) - 1) for b in b' "\\:{}[],\r0']
+    taken = 0
+    for raw in lines:
+        for line in (raw.rstrip(b"\n") + b"\n", *(r + b"\n" for r in raw.split(b"\n"))):
+            q = ServerProtocol().quick(line)
+            if q is None:
+                continue
+            taken += 1
+            general = ServerProtocol()
+            (frame,) = general.frames(line)
+            g = general.parse(frame)
+            assert isinstance(g, Call), line
+            assert (g.method, g.params, g.id) == (q.method, q.params, q.id), line
+    assert taken > 0  # the check above ran on some lines

@@ -90,7 +90,9 @@ def unpad(padded: bytes) -> bytes | None:
         return None
     (length,) = _LENGTH.unpack_from(padded)
     n = _LENGTH.size + length
-    if n > len(padded) or bucket(n) != len(padded) or any(padded[n:]):
+    size = len(padded)
+    # count() checks the zeros in C, with no copy (any() over a slice cost 0.3 us a read)
+    if n > size or bucket(n) != size or padded.count(0, n) != size - n:
         return None
     return padded[_LENGTH.size : n]
 
