@@ -247,8 +247,10 @@ def summarize(rounds: list[dict[str, Any]], key: str, digits: int = 3) -> dict[s
 
 
 def retrieve_point(b: Bench, servers: dict[str, tuple[Path, int]], conns: int,
-                   rounds: int, max_others: float | None, retries: int) -> dict[str, Any]:
-    """``rounds`` alternations of echo and secretsd at ``conns`` connections.
+                   rounds: int, max_others: float | None, retries: int,
+                   labels: tuple[str, str] = ("echo", "secretsd")) -> dict[str, Any]:
+    """``rounds`` alternations of two servers (by default echo and secretsd) at
+    ``conns`` connections; the ratios are the second's over the first's.
 
     A pair during which other processes (or the hypervisor, as steal) took more
     than ``max_others`` CPUs is kept in the report as disturbed and run again,
@@ -258,21 +260,22 @@ def retrieve_point(b: Bench, servers: dict[str, tuple[Path, int]], conns: int,
     disturbed: list[dict[str, Any]] = []
     attempt = 0
     while len(clean) < rounds and attempt < rounds + retries:
-        order = ("echo", "secretsd") if attempt % 2 == 0 else ("secretsd", "echo")
+        first, second = labels
+        order = (first, second) if attempt % 2 == 0 else (second, first)
         attempt += 1
         row: dict[str, Any] = {"order": list(order)}
         for which in order:
             sock, pid = servers[which]
             row[which] = b.loadgen(sock, conns, server_pid=pid)
-        e, s = row["echo"], row["secretsd"]
+        e, s = row[first], row[second]
         row["ratio_ops"] = round(s["ops_per_s"] / e["ops_per_s"], 4)
         row["ratio_cpu_per_req"] = round(s["cpu_us_per_req"] / e["cpu_us_per_req"], 4)
         row["noise_cpus"] = max(e["others_cpus"] + e["host_steal_cpus"],
                                 s["others_cpus"] + s["host_steal_cpus"])
         quiet = max_others is None or row["noise_cpus"] <= max_others
         (clean if quiet else disturbed).append(row)
-        log(f"  {conns:>2} conns pair {attempt}: echo {e['ops_per_s']:>8,.0f}/s "
-            f"{e['cpu_us_per_req']:6.1f} µs/req p99 {e['p99_us']:7.0f} | secretsd "
+        log(f"  {conns:>2} conns pair {attempt}: {first} {e['ops_per_s']:>8,.0f}/s "
+            f"{e['cpu_us_per_req']:6.1f} µs/req p99 {e['p99_us']:7.0f} | {second} "
             f"{s['ops_per_s']:>8,.0f}/s {s['cpu_us_per_req']:6.1f} µs/req p99 {s['p99_us']:7.0f} "
             f"| ratio ops {row['ratio_ops']:.2f} cpu {row['ratio_cpu_per_req']:.2f} "
             f"| invol. switches/kreq {e.get('server_involuntary_switches_per_kreq', 0):.0f}/"
@@ -287,7 +290,7 @@ def retrieve_point(b: Bench, servers: dict[str, tuple[Path, int]], conns: int,
     if len(clean) < rounds:
         summary["warning"] = (f"only {len(clean)} of {rounds} pairs ran undisturbed; "
                               "the machine was busy: figures are less reliable")
-    for which in ("echo", "secretsd"):
+    for which in labels:
         rs = [r[which] for r in used]
         summary[which] = {
             "ops_per_s": summarize(rs, "ops_per_s", 1),
@@ -369,6 +372,126 @@ def with_writer(b: Bench, sock: Path, rounds: int) -> dict[str, Any]:
         "ops_per_s_with_writer": spread([r["with"]["ops_per_s"] for r in per_round], 1),
         "writes_per_s": summarize(per_round, "writes_per_s", 1),
         "errors": sum(r["with"]["errors"] + r["without"]["errors"] for r in per_round),
+        "rounds": per_round,
+    }
+
+
+# --- 2b. the access log's cost, and a writer next to a watcher far behind ---------------
+
+
+def start_agent(procs: Processes, pin: Pinning, tmp: Path, name: str, names: Sequence[str],
+                *extra: str, home_dir: Path | None = None) -> tuple[Path, subprocess.Popen[bytes]]:
+    """Another initialized secretsd holding ``names``; its socket and process."""
+    from homeagent_secrets.client import SecretsClient
+
+    sock = tmp / f"{name}.sock"
+    home = (home_dir or tmp) / f"{name}-home"
+    proc = procs.start(pin.server([sys.executable, "-m", "homeagent_secrets.daemon", "--home", str(home),
+                                   "--socket", str(sock), "--log-level", "WARNING", *extra]), sock)
+    with SecretsClient(sock, timeout=120) as client:
+        client.init(PASS)
+    if names:
+        pipelined_store(sock, names, "x" * 40)
+    return sock, proc
+
+
+def audit_cost(b: Bench, plain: tuple[Path, int], audited: tuple[Path, int], audit_file: Path,
+               rounds: int, max_others: float | None, retries: int) -> dict[str, Any]:
+    """Retrieve at 32 connections, secretsd without and with ``--audit-log``, alternated.
+
+    The access log is truncated before each run, so the file stays small (its
+    writes go to the end: it is opened with O_APPEND)."""
+    class Truncating(Bench):
+        def loadgen(self, sock: Path, conns: int, server_pid: int | None = None,
+                    reqfile: Path | None = None, secs: float | None = None) -> dict[str, Any]:
+            os.truncate(audit_file, 0)
+            return super().loadgen(sock, conns, server_pid, reqfile, secs)
+
+    t = Truncating(b.exe, b.reqfile, b.secs, b.warm, b.pin, b.clock)
+    point = retrieve_point(t, {"plain": plain, "audited": audited}, 32, rounds, max_others, retries,
+                           labels=("plain", "audited"))
+    lines = sum(1 for _ in audit_file.open("rb"))
+    point["summary"]["audit_lines_last_run"] = lines
+    return point
+
+
+def _store_latencies(sock: Path, count: int, tag: str) -> list[float]:
+    """Seconds per ``store`` of one blocking client, ``count`` calls in a row."""
+    from homeagent_secrets.client import SecretsClient
+
+    out = []
+    with SecretsClient(sock, timeout=60) as w:
+        for i in range(count):
+            t0 = time.perf_counter()
+            w.store(f"bench/{tag}-{i % 200}", "w" * 40)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def _p(xs: Sequence[float], q: float) -> float:
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(q * len(ys)))]
+
+
+def _read_all(sock: socket.socket) -> tuple[bool, bool]:
+    """Read what is waiting: (still open, an ``overflow`` line among it)."""
+    sock.setblocking(False)
+    seen, tail = False, b""
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            time.sleep(0.05)  # the agent may have more to send once it could write
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                return True, seen
+        if not data:
+            return False, seen
+        seen = seen or b'"overflow"' in tail + data
+        tail = data[-32:]
+
+
+def writer_with_watcher_behind(sock: Path, rounds: int, behind: int = 10_000,
+                               stores: int = 1_000) -> dict[str, Any]:
+    """A writer's store p50/p99 with no watcher, and with one ``behind`` events behind.
+
+    The watcher watches every name and never reads; ``behind`` stores (pipelined)
+    put it that far behind, then the writer's ``stores`` calls are timed. Order
+    flips every round."""
+    per_round = []
+    for i in range(rounds):
+        row: dict[str, Any] = {}
+        for behind_now in ((False, True) if i % 2 == 0 else (True, False)):
+            if not behind_now:
+                row["without"] = _store_latencies(sock, stores, "alone")
+                continue
+            with socket.socket(socket.AF_UNIX) as watcher:
+                watcher.connect(str(sock))
+                watcher.sendall(b'{"jsonrpc":"2.0","id":1,"method":"watch","params":{"patterns":["**"]}}\n')
+                time.sleep(0.2)  # the answer arrives; nothing is read from here on
+                pipelined_store(sock, [f"bench/flood-{j % 500}" for j in range(behind)], "f" * 40)
+                row["with"] = _store_latencies(sock, stores, "beside")
+                # It was behind the whole time, still connected, and is told to resync.
+                row["watcher_still_open"], row["overflow_seen"] = _read_all(watcher)
+        r = {"p50_us_without": _p(row["without"], 0.5) * 1e6, "p99_us_without": _p(row["without"], 0.99) * 1e6,
+             "p50_us_with": _p(row["with"], 0.5) * 1e6, "p99_us_with": _p(row["with"], 0.99) * 1e6,
+             "watcher_still_open": row["watcher_still_open"], "overflow_seen": row["overflow_seen"]}
+        r = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}
+        r["p99_ratio"] = round(r["p99_us_with"] / r["p99_us_without"], 3)
+        log(f"  watcher {behind:,} behind, round {i + 1}/{rounds}: writer p99 {r['p99_us_without']:.0f} -> "
+            f"{r['p99_us_with']:.0f} µs ({r['p99_ratio']:.2f}x), p50 {r['p50_us_without']:.0f} -> "
+            f"{r['p50_us_with']:.0f} µs")
+        per_round.append(r)
+    return {
+        "behind": behind, "stores_timed": stores,
+        "p50_us_without": summarize(per_round, "p50_us_without", 1),
+        "p50_us_with": summarize(per_round, "p50_us_with", 1),
+        "p99_us_without": summarize(per_round, "p99_us_without", 1),
+        "p99_us_with": summarize(per_round, "p99_us_with", 1),
+        "p99_ratio": summarize(per_round, "p99_ratio"),
+        "watcher_stayed_connected": all(r["watcher_still_open"] for r in per_round),
+        "watcher_told_overflow": all(r["overflow_seen"] for r in per_round),
         "rounds": per_round,
     }
 
@@ -616,6 +739,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     if "retrieve_with_writer_32conns" in report:
         m = report["retrieve_with_writer_32conns"]["p99_ratio"]["median"]
         add("p99 with a 50 stores/s writer / without", m, "≤ 2", m <= 2)
+    if "audit_log_cost_32conns" in report:
+        m = report["audit_log_cost_32conns"]["summary"]["ratio_ops"]["median"]
+        add("32 conns: throughput with the access log / without", m, "≥ 0.85", m >= 0.85)
+    if "writer_with_watcher_behind" in report:
+        m = report["writer_with_watcher_behind"]["p99_ratio"]["median"]
+        add("writer p99 with a watcher 10,000 events behind / without", m, "≤ 2", m <= 2)
     if "sync_client" in report:
         m = report["sync_client"]["secretsd_calls_per_s"]["median"]
         add("blocking client retrieve calls/s", m, "≥ 8000", m >= 8000)
@@ -631,7 +760,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-PARTS = ("retrieve", "writer", "sync", "unlock", "cli", "backends")
+PARTS = ("retrieve", "writer", "audit", "watcher", "sync", "unlock", "cli", "backends")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -733,6 +862,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "writer" in parts:
             log("p99 with a writer")
             report["retrieve_with_writer_32conns"] = with_writer(b, agent_sock, minor_rounds)
+        if "audit" in parts:
+            log("the access log's cost at 32 connections")
+            audit_file = tmp / "access.jsonl"
+            a_sock, a_proc = start_agent(procs, pin, tmp, "audited", names, "--audit-log", str(audit_file))
+            report["audit_log_cost_32conns"] = audit_cost(
+                b, (agent_sock, agent.pid), (a_sock, a_proc.pid), audit_file, args.rounds,
+                args.max_others, args.retries)
+            procs.stop(a_proc)
+        if "watcher" in parts:
+            log("a writer next to a watcher 10,000 events behind")
+            # A home in memory: the store's fsyncs would otherwise hide the agent's own
+            # cost (and 10,000 stores a round take half a minute on disk); no reaping.
+            shm = Path(tempfile.mkdtemp(prefix="hab-", dir="/dev/shm"))
+            try:
+                w_sock, w_proc = start_agent(procs, pin, tmp, "watched", [], "--idle-timeout", "600",
+                                             home_dir=shm)
+                report["writer_with_watcher_behind"] = writer_with_watcher_behind(w_sock, minor_rounds)
+                procs.stop(w_proc)
+            finally:
+                shutil.rmtree(shm, ignore_errors=True)
         if "sync" in parts:
             log("blocking client")
             report["sync_client"] = sync_client(echo_sock, agent_sock, names, args.rounds,

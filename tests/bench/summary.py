@@ -80,6 +80,20 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {cell(w['p99_us_without_writer'])} → {cell(w['p99_us_with_writer'])}; "
             f"ratio {cell(w['p99_ratio'], 2)}; {w['writes_per_s']['median']:.0f} writes/s "
             f"| ≤ 2x |")
+    a = report.get("audit_log_cost_32conns")
+    if a:
+        sa = a["summary"]
+        lines.append(
+            f"| 32 conns retrieve with `--audit-log` ÷ without ({_pairs(sa)}): throughput; CPU per "
+            f"answer | {cell(sa['ratio_ops'], 2)}; {cell(sa['ratio_cpu_per_req'], 2)} "
+            f"({cell(sa['plain']['ops_per_s'])} → {cell(sa['audited']['ops_per_s'])} ops/s) | ≥ 0.85 |")
+    wb = report.get("writer_with_watcher_behind")
+    if wb:
+        lines.append(
+            f"| a writer's store p99 (µs), no watcher → a watcher {wb['behind']:,} events behind "
+            f"(home in /dev/shm) | {cell(wb['p99_us_without'])} → {cell(wb['p99_us_with'])}; ratio "
+            f"{cell(wb['p99_ratio'], 2)}; watcher kept and told `overflow`: "
+            f"{'yes' if wb['watcher_stayed_connected'] and wb['watcher_told_overflow'] else '**no**'} | ≤ 2x |")
     c = report.get("sync_client")
     if c:
         lines.append(f"| blocking `SecretsClient.retrieve`, one connection, calls/s "
