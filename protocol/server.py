@@ -119,6 +119,17 @@ _typed_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
 )
 #: The method row of a typed request, by its class (one dict lookup on the quick path).
 _METHOD_OF: Final[dict[type, Method[Any, Any]]] = {t: METHODS[name] for name, t in _TYPED.items()}
+# The quick path's decoder knows only the methods answered from memory: any other
+# request fails on its "method" tag before a value is decoded, so a passphrase is
+# never made into a string that nothing would wipe (the general way wipes its own).
+# (A union even of one: its tag is required and found before any field is decoded.)
+_NO_REQUEST: Final = msgspec.defstruct("_no_request", [], tag_field="method", tag="\0", frozen=True)
+_QUICK: Final = (*(t for name, t in _TYPED.items()
+                   if METHODS[name].nowait and not METHODS[name].carries_passphrase), _NO_REQUEST)
+_quick_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+    Union[_QUICK],  # noqa: UP007
+    dec_hook=dec_hook,
+)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _any_decoder = msgspec.json.Decoder()
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
@@ -402,14 +413,12 @@ class ServerProtocol:
                 or data.find(b"\n") != len(data) - 1):
             return None
         try:
-            typed = _typed_decoder.decode(data)
+            typed = _quick_decoder.decode(data)
         except (msgspec.DecodeError, SecretsError, RecursionError):
             return None
-        method = _METHOD_OF[type(typed)]
-        if (typed.jsonrpc != "2.0" or not method.nowait or method.carries_passphrase
-                or has_duplicate_keys(data, typed)):
+        if type(typed) is _NO_REQUEST or typed.jsonrpc != "2.0" or has_duplicate_keys(data, typed):
             return None
-        return Call(method, typed.params, typed.id)
+        return Call(_METHOD_OF[type(typed)], typed.params, typed.id)
 
     def frames(self, data: bytes) -> list[bytes]:
         """Feed received bytes; return the raw lines (to parse one by one with ``parse``)."""

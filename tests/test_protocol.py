@@ -381,6 +381,7 @@ def test_the_quick_path_takes_only_one_whole_well_formed_read_request() -> None:
         good.replace(b'"2.0"', b'"1.0"'),
         good.replace(b"retrieve", b"store").replace(b'"a/b"', b'"a/b","value":"v"'),  # not nowait
         good.replace(b"retrieve", b"unlock").replace(b'{"name":"a/b"}', b'{"passphrase":"p"}'),
+        b'{"params":{"name":"a/b"},"jsonrpc":"2.0","id":7}\n',  # no method at all
         b"\n",
     ]
     for line in refused:
