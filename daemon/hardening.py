@@ -35,6 +35,23 @@ def harden_process() -> None:
         log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(err))
 
 
+#: glibc's mallopt parameter for the number of malloc arenas.
+M_ARENA_MAX = -8
+
+
+def bound_heap() -> None:
+    """Two malloc arenas, not eight per core (glibc; call before any thread starts).
+
+    Writes run in worker threads, and each thread that allocated got an arena of
+    its own that kept its freed memory: after 10,000 stores the daemon held 107 MB
+    (locked or not) where 64 MB were in use. MALLOC_ARENA_MAX in the environment,
+    when set, wins: glibc reads it first.
+    """
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(M_ARENA_MAX, 2)
+
+
 def _address(buf: bytearray) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 

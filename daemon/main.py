@@ -30,7 +30,7 @@ from .audit import AuditLog, under_systemd
 from .backends.base import Backend
 from .credentials import CredentialServer
 from .dispatch import Dispatcher
-from .hardening import harden_process
+from .hardening import bound_heap, harden_process
 from .homelock import HomeLock
 from .listener import BoundSocket, bind_unix, inherited_sockets
 from .logsetup import setup_logging
@@ -264,6 +264,7 @@ async def serve(settings: Settings, bound: BoundSocket | None, creds: BoundSocke
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``secretsd`` command."""
     harden_process()
+    bound_heap()
     try:
         settings = settings_mod.load(argv)
     except SecretsError as exc:
