@@ -51,7 +51,78 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _quick_get(argv: list[str]) -> int | None:
+    """``secretsctl get NAME``, the form scripts run, with the standard library only.
+
+    The same checked socket as every client (``reach.py``), one ``retrieve``
+    written and read with ``json``, and the same output, messages and exit codes
+    as the general way. None for any other form of the command, or before
+    anything was sent when something is off (the general way then runs and says
+    what): an answer is never asked for twice.
+    """
+    if len(argv) != 2 or argv[0] != "get" or argv[1].startswith("-"):
+        return None
+    import json
+
+    from homeagent_secrets.protocol.errors import AgentUnreachableError, SecretsError, error_for_code
+    from homeagent_secrets.protocol.names import name_problem
+
+    from . import reach
+    from .cli_errors import exit_code
+    from .cli_output import printable, write_value
+
+    name = argv[1]
+    if name_problem(name) is not None:
+        return None
+    line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "retrieve", "params": {"name": name}})
+    try:
+        path = reach.socket_path(None)
+        with reach.open_socket(path, reach.DEFAULT_CONNECT_TIMEOUT) as sock:
+            sock.settimeout(reach.DEFAULT_TIMEOUT)
+            sock.sendall(line.encode() + b"\n")
+            answer = bytearray()
+            while not answer.endswith(b"\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise reach.unreachable(path, "the connection closed during the call")
+                answer += chunk
+                if len(answer) > (2 << 20):
+                    raise SecretsError("the agent's answer is over 2 MiB: not a value it stores")
+        reply = json.loads(answer)
+        error, result = reply.get("error"), reply.get("result")
+        if error is not None:
+            data = error.get("data") or {}
+            raise error_for_code(int(error["code"]), str(error["message"]), data.get("reason"))
+        if result is None:
+            from homeagent_secrets.protocol.errors import NotFoundError
+
+            raise NotFoundError(f"there is no secret named {name!r}; `secretsctl ls` lists the names")
+        value = result["value"]
+        if not isinstance(value, str):
+            raise SecretsError("the agent's answer holds no value (a different version of secretsd?)")
+    except SecretsError as exc:
+        err(f"secretsctl: {printable(exc.message)}")
+        return exit_code(exc)
+    except TimeoutError:  # open_socket has its own message for a connect that timed out
+        late = AgentUnreachableError(f"secretsd did not answer retrieve within {reach.DEFAULT_TIMEOUT:g} s; "
+                                     "check `secretsctl status` and the secretsd log")
+        err(f"secretsctl: {late.message}")
+        return exit_code(late)
+    except OSError as exc:
+        failed = reach.connect_error(path, exc)
+        err(f"secretsctl: {printable(failed.message)}")
+        return exit_code(failed)
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON-RPC as we know it
+        err("secretsctl: the agent's answer was not understood (a different version of secretsd?)")
+        return EXIT_ERROR
+    write_value(value, False)
+    return 0
+
+
 def _main(argv: list[str]) -> int:
+    quick = _quick_get(argv)
+    if quick is not None:
+        return quick
     _load_msgspec()
     from homeagent_secrets.protocol.errors import SecretsError
 

@@ -1,122 +1,40 @@
-"""What both clients share about reaching the agent: where its socket is, whom to
-trust at the other end, how connect errors read, and what may be sent again.
-
-Before a client sends anything (a passphrase, a value) it reads the server's
-credentials with ``SO_PEERCRED``. It talks only to a process of its own uid,
-of root, or of the uid root vouches for: the owner of the socket's directory
-when that directory sits in a root-owned directory no one else can write
-(``/run/homeagent`` made by systemd for the service user). A socket another
-user planted in a directory they control is refused.
+"""What both clients share about reaching the agent: where its socket is and whom
+to trust at the other end (``reach.py``, re-exported here), what may be sent
+again, and the size checks before a send.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import stat
-import struct
-from pathlib import Path
 from typing import Any, Final
 
-from homeagent_secrets.protocol.errors import (
-    AgentUnreachableError,
-    SecretsError,
-    UntrustedAgentError,
-    ValueTooLargeError,
-)
+from homeagent_secrets.protocol.errors import ValueTooLargeError
 from homeagent_secrets.protocol.framing import DEFAULT_MAX_FRAME, MAX_BATCH
 from homeagent_secrets.protocol.messages import Method
-from homeagent_secrets.protocol.paths import discover_socket
 from homeagent_secrets.protocol.secret import Secret
 
-DEFAULT_TIMEOUT: Final = 10.0
-DEFAULT_CONNECT_TIMEOUT: Final = 2.0
+from .reach import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    check_server,
+    connect_error,
+    open_socket,
+    server_pid,
+    server_uid,
+    socket_path,
+    unreachable,
+    vouched_uid,
+)
+
+__all__ = [  # reach.py's names too: the clients' one place to import them from
+    "BATCH_MAX", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "LIST_PAGE", "as_secret", "check_server",
+    "check_size", "connect_error", "may_resend", "open_socket", "server_pid", "server_uid", "socket_path",
+    "unreachable", "vouched_uid",
+]
+
 #: Names fetched per ``list`` round trip (each answer stays far below any frame limit).
 LIST_PAGE: Final = 1000
 #: Requests per batch line (the agent refuses larger batches).
 BATCH_MAX: Final = MAX_BATCH
-_PEERCRED: Final = struct.Struct("3i")
-
-
-def socket_path(explicit: str | Path | None) -> Path:
-    """The socket to use: the one given, else the first that exists of the usual places."""
-    return Path(explicit).expanduser() if explicit else discover_socket()
-
-
-def unreachable(path: Path, why: str) -> AgentUnreachableError:
-    return AgentUnreachableError(
-        f"cannot reach secretsd at {path}: {why}; start it with `secretsd` "
-        "(or point HOMEAGENT_SECRETS_SOCKET / --socket at its socket)"
-    )
-
-
-def connect_error(path: Path, exc: BaseException) -> AgentUnreachableError:
-    """The one-line error for a failed connect, the same in both clients."""
-    if isinstance(exc, FileNotFoundError):
-        return unreachable(path, "no socket there")
-    if isinstance(exc, ConnectionRefusedError):
-        return unreachable(path, "nothing is listening (stale socket)")
-    if isinstance(exc, PermissionError):
-        return unreachable(path, "permission denied (the socket of another user, or a group "
-                                 "you are not in?)")
-    if isinstance(exc, TimeoutError):
-        return unreachable(path, "connect timed out")
-    if isinstance(exc, OSError):
-        return unreachable(path, exc.strerror or str(exc))
-    return unreachable(path, type(exc).__name__)
-
-
-def server_uid(sock: socket.socket) -> int:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    return int(_PEERCRED.unpack(raw)[1])
-
-
-def server_pid(sock: socket.socket) -> int:
-    """The pid of the process that listens at the other end (0 when unknown)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    return int(_PEERCRED.unpack(raw)[0])
-
-
-def vouched_uid(path: Path) -> int | None:
-    """The uid root vouches for at ``path``: the owner of its directory, when that
-    directory's parent is root's and not writable by anyone else."""
-    try:
-        parent = os.stat(path.parent)
-        grandparent = os.stat(path.parent.parent)
-    except OSError:
-        return None
-    if grandparent.st_uid != 0 or grandparent.st_mode & 0o022 or not stat.S_ISDIR(parent.st_mode):
-        return None
-    return parent.st_uid
-
-
-def check_server(sock: socket.socket, path: Path) -> None:
-    """Refuse to talk to a server that is not the agent this user may trust."""
-    uid = server_uid(sock)
-    me = os.geteuid()
-    if uid in (me, 0) or uid == vouched_uid(path):
-        return
-    raise UntrustedAgentError(
-        f"the socket {path} is served by uid {uid}, which is neither you (uid {me}) nor root "
-        "nor the owner of a directory root made for it: refusing to send anything there "
-        "(another user may be impersonating secretsd); check the socket path"
-    )
-
-
-def open_socket(path: Path, connect_timeout: float) -> socket.socket:
-    """A connected, checked socket to the agent at ``path`` (blocking)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(connect_timeout)
-    try:
-        sock.connect(str(path))
-        check_server(sock, path)
-    except SecretsError:
-        sock.close()
-        raise
-    except OSError as exc:
-        sock.close()
-        raise connect_error(path, exc) from None
-    return sock
 
 
 def check_size(line: bytes, method: Method[Any, Any]) -> None:

@@ -3,25 +3,34 @@
 No sockets, no files, no event loop: the daemon and both clients share it, and
 tests wire a client and a server together in memory. See PROTOCOL.md.
 
-The server half and ``__version__`` (read from the package metadata, which
-costs more than the whole client) load on first use: ``secretsctl get`` is
-run from scripts and must start fast.
+Every name here loads on first use, ``__version__`` too (read from the package
+metadata, which costs more than the whole client): ``secretsctl get`` is run
+from scripts and must start fast, and its common case needs only ``errors``,
+``names`` and ``paths``, which import nothing but the standard library (msgspec
+alone took a third of its start-up).
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from .framing import DEFAULT_MAX_FRAME, FrameSplitter
-from .messages import METHODS, Method
-from .names import BACKEND_NAMES, KINDS, check_name, name_problem
-from .rpc import ClientProtocol, Reply
-from .secret import Secret
-
 if TYPE_CHECKING:
+    from .framing import DEFAULT_MAX_FRAME, FrameSplitter
+    from .messages import METHODS, Method
+    from .names import BACKEND_NAMES, KINDS, check_name, name_problem
+    from .rpc import ClientProtocol, Reply
+    from .secret import Secret
     from .server import Batch, Call, Rejected, ServerProtocol
 
     __version__: str
 
-_SERVER_NAMES = ("Batch", "Call", "Rejected", "ServerProtocol")
+_WHERE = {
+    "DEFAULT_MAX_FRAME": ".framing", "FrameSplitter": ".framing",
+    "METHODS": ".messages", "Method": ".messages",
+    "BACKEND_NAMES": ".names", "KINDS": ".names", "check_name": ".names", "name_problem": ".names",
+    "ClientProtocol": ".rpc", "Reply": ".rpc",
+    "Secret": ".secret",
+    "Batch": ".server", "Call": ".server", "Rejected": ".server", "ServerProtocol": ".server",
+}
 
 
 def _version() -> str:
@@ -37,10 +46,8 @@ def _version() -> str:
 def __getattr__(name: str) -> Any:
     if name == "__version__":
         value: Any = _version()
-    elif name in _SERVER_NAMES:
-        from . import server
-
-        value = getattr(server, name)
+    elif name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

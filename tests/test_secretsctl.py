@@ -837,7 +837,9 @@ _ARGPARSE = ("argparse", "gettext", "locale", "homeagent_secrets.client.cli_pars
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("argv", "never"), [
-    (["get", "x"], _NEVER + _ARGPARSE),  # the form scripts run: not even argparse
+    # the form scripts run: the standard library only (not even msgspec or argparse)
+    (["get", "x"], (*_NEVER, *_ARGPARSE, "msgspec", "homeagent_secrets.client.sync",
+                    "homeagent_secrets.protocol.messages", "homeagent_secrets.client.connect")),
     (["get", "--socket", "SOCKET", "x"], _NEVER),  # any other: argparse, still nothing else
 ])
 def test_get_loads_no_async_crypto_metadata_or_help_machinery(
@@ -856,7 +858,9 @@ def test_get_loads_no_async_crypto_metadata_or_help_machinery(
                        env={**os.environ, "HOMEAGENT_SECRETS_SOCKET": str(unlocked.socket)})
     rc, loaded = eval(r.stderr)  # our own repr of a tuple of str
     assert (rc, r.stdout) == (0, "v\n")
-    assert "homeagent_secrets.client.sync" in loaded  # the check sees what was imported
+    # the check sees what was imported: the checked socket, and the blocking client for the rest
+    assert "homeagent_secrets.client.reach" in loaded
+    assert ("homeagent_secrets.client.sync" in loaded) == (argv != ["get", "x"])
     assert [m for m in loaded if m.startswith(never)] == []
 
 
@@ -911,3 +915,32 @@ def test_private_files_stay_private(unlocked: Daemon) -> None:
         for f in files:
             assert stat.S_IMODE(os.stat(Path(root) / f).st_mode) == 0o600
 
+
+
+@pytest.mark.slow
+def test_the_quick_get_answers_as_the_general_way_does(unlocked: Daemon, short_tmp: Path) -> None:
+    """`get NAME` (the standard-library path) and `get --socket S NAME` (argparse and the
+    blocking client): the same output, message and exit status in every state."""
+    unlocked.ctl("set", "x", input="v\n")
+
+    def both(sock: Path) -> list[tuple[int, str, str]]:
+        out = []
+        for argv in (["get", "x"], ["get", "--socket", str(sock), "x"],
+                     ["get", "nope"], ["get", "--socket", str(sock), "nope"]):
+            r = subprocess.run([sys.executable, "-m", "homeagent_secrets.client.cli", *argv],
+                               capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "HOMEAGENT_SECRETS_SOCKET": str(sock)})
+            out.append((r.returncode, r.stdout, r.stderr))
+        return out
+
+    def same(sock: Path) -> list[tuple[int, str, str]]:
+        got = both(sock)
+        assert got[0] == got[1] and got[2] == got[3], got
+        return got
+
+    assert [g[0] for g in same(unlocked.socket)] == [0, 0, 4, 4]
+    unlocked.ctl("lock")
+    locked = same(unlocked.socket)
+    assert locked[0][0] == 3 and "locked" in locked[0][2]
+    missing = same(short_tmp / "nothing-here.sock")
+    assert missing[0][0] == 5 and "cannot reach secretsd" in missing[0][2]
