@@ -44,11 +44,13 @@ def bound_heap() -> None:
 
     Writes run in worker threads, and each thread that allocated got an arena of
     its own that kept its freed memory: after 10,000 stores the daemon held 107 MB
-    (locked or not) where 64 MB were in use. MALLOC_ARENA_MAX in the environment,
-    when set, wins: glibc reads it first.
+    (locked or not) where 64 MB were in use. An operator's own count wins, in
+    either spelling glibc reads at start (MALLOC_ARENA_MAX, or glibc.malloc.arena_max
+    in GLIBC_TUNABLES): a mallopt now would silently undo it.
     """
     mallopt = getattr(_libc, "mallopt", None)
-    if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ:
+    if (mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ
+            and "glibc.malloc.arena_max=" not in os.environ.get("GLIBC_TUNABLES", "")):
         mallopt(M_ARENA_MAX, 2)
 
 

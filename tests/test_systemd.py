@@ -478,6 +478,36 @@ def test_core_dumps_are_off_and_the_key_is_mlocked(unlocked: Daemon) -> None:
     assert SecretsClient(unlocked.socket).status().memory_locked is False
 
 
+
+@pytest.mark.parametrize(("env", "set_by_us"), [
+    ({}, True),
+    ({"MALLOC_ARENA_MAX": "8"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.arena_max=1"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_test=4"}, True),
+])
+def test_two_malloc_arenas_unless_the_operator_chose_a_number(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], set_by_us: bool
+) -> None:
+    """An operator's arena count wins, in either spelling glibc reads it: the old
+    MALLOC_ARENA_MAX or the GLIBC_TUNABLES entry (mallopt after start would undo it)."""
+    from homeagent_secrets.daemon import hardening
+
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(hardening, "_libc", Libc())
+    for name in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    hardening.bound_heap()
+    assert calls == ([(hardening.M_ARENA_MAX, 2)] if set_by_us else [])
+
 @pytest.mark.slow
 def test_auto_lock_after_idle_and_after_max_unlocked(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d: Daemon = daemon_factory("--lock-after", "0.6", name="idle")
