@@ -217,6 +217,16 @@ def daemon(daemon_factory) -> Daemon:  # type: ignore[no-untyped-def]
 PASSPHRASE = "correct horse battery staple"
 
 
+def audit_settled(sock: Path) -> None:
+    """One round trip on a new connection (as this process). The agent writes the
+    access-log lines of each event-loop turn at its end, so when this answer is
+    here, the lines of every call answered before it are in the file."""
+    from homeagent_secrets.client import SecretsClient
+
+    with SecretsClient(sock) as c:
+        c.status()
+
+
 @pytest.fixture
 def unlocked(daemon: Daemon) -> Daemon:
     """A secretsd initialized with PASSPHRASE (and so unlocked)."""

@@ -23,7 +23,7 @@ from homeagent_secrets.daemon.peer import unit_of_cgroup
 from homeagent_secrets.daemon.policy import PolicyError, load
 from homeagent_secrets.protocol.names import glob_regex
 
-from .conftest import PASSPHRASE, Crowd, Daemon, User, run_as
+from .conftest import PASSPHRASE, Crowd, Daemon, User, audit_settled, run_as
 
 
 def calls_as(sock: Path, calls: list[tuple[str, list[object]]]) -> bytes:
@@ -149,6 +149,7 @@ def test_every_call_is_in_the_access_log_and_denials_in_the_journal(
     d, crowd, _, audit = guarded
     as_user(crowd.hue, d.socket, [("get", ["provider/hue/token"]), ("get", ["llm/openai"]),
                                   ("get", ["provider/hue/missing"])], groups=[crowd.gid])
+    audit_settled(d.socket)
     events = [json.loads(line) for line in audit.read_text().splitlines()]
     mine = [e for e in events if e["uid"] == crowd.hue.uid]
     assert [(e["method"], e["name"], e["outcome"], e["code"]) for e in mine] == [
@@ -185,6 +186,7 @@ def test_sighup_reloads_rules_and_keeps_the_old_ones_when_the_new_are_bad(
     while "reloaded the access rules" not in d.log_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert as_user(crowd.other, d.socket, [("get", ["llm/openai"])], groups=[crowd.gid]) == [{"ok": "sk-openai"}]
+    audit_settled(d.socket)
     assert audit.exists() and "llm/openai" in audit.read_text()  # the new file after the move
     rules(policy, '[[rule]]\nuser = "x"\nnames = ["a"]\nallow = ["read", "fly"]\n')
     d.proc.send_signal(signal.SIGHUP)

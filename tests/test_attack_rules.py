@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from homeagent_secrets.client import SecretsClient
 from homeagent_secrets.protocol.names import glob_regex, pattern_problem
 
-from .conftest import PASSPHRASE, Crowd, Daemon, User, require_real
+from .conftest import PASSPHRASE, Crowd, Daemon, User, audit_settled, require_real
 from .test_access import rules
 
 # --- plumbing: a process of another uid, a raw JSON-RPC connection ------------------------
@@ -196,6 +196,7 @@ class Guarded:
         return SecretsClient(self.d.socket)
 
     def events(self) -> list[dict[str, Any]]:
+        audit_settled(self.d.socket)
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
 
     def reload(self, text: str) -> None:
@@ -661,6 +662,7 @@ def test_an_access_log_swapped_before_sighup_never_stalls_or_redirects_the_log(
         time.sleep(0.05)
     with guarded.hue() as c:
         c.call("retrieve", name="llm/openai")  # a denial, still logged: in the old file
+    audit_settled(guarded.d.socket)
     assert "llm/openai" in audit.with_suffix(".1").read_text()
     assert not target.exists()
 
