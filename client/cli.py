@@ -52,7 +52,8 @@ def _quiet_stdout() -> None:
 
 
 def _quick_get(argv: list[str]) -> int | None:
-    """``secretsctl get NAME``, the form scripts run, with the standard library only.
+    """``secretsctl [--socket PATH] get NAME``, the form scripts run, with the standard
+    library only.
 
     The same checked socket as every client (``reach.py``), one ``retrieve``
     written and read with ``json``, and the same output, messages and exit codes
@@ -60,7 +61,20 @@ def _quick_get(argv: list[str]) -> int | None:
     anything was sent when something is off (the general way then runs and says
     what): an answer is never asked for twice.
     """
-    if len(argv) != 2 or argv[0] != "get" or argv[1].startswith("-"):
+    socket_arg: str | None = None
+    rest = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--socket":
+            socket_arg = next(args, None)
+            if socket_arg is None:
+                return None
+        elif arg.startswith("--socket="):
+            socket_arg = arg.removeprefix("--socket=")
+        else:
+            rest.append(arg)
+    if (len(rest) != 2 or rest[0] != "get" or rest[1].startswith("-") or socket_arg == ""
+            or sys.stdout is None):  # the general way says that nothing can be printed
         return None
     import json
 
@@ -71,12 +85,12 @@ def _quick_get(argv: list[str]) -> int | None:
     from .cli_errors import exit_code
     from .cli_output import printable, write_value
 
-    name = argv[1]
+    name = rest[1]
     if name_problem(name) is not None:
         return None
     line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "retrieve", "params": {"name": name}})
     try:
-        path = reach.socket_path(None)
+        path = reach.socket_path(socket_arg)
         with reach.open_socket(path, reach.DEFAULT_CONNECT_TIMEOUT) as sock:
             sock.settimeout(reach.DEFAULT_TIMEOUT)
             sock.sendall(line.encode() + b"\n")
@@ -122,6 +136,7 @@ def _quick_get(argv: list[str]) -> int | None:
 def _main(argv: list[str]) -> int:
     quick = _quick_get(argv)
     if quick is not None:
+        sys.stdout.flush()  # here, where a failure is still ours to report (as below)
         return quick
     _load_msgspec()
     from homeagent_secrets.protocol.errors import SecretsError
