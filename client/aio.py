@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 
 from homeagent_secrets.protocol import messages as m
-from homeagent_secrets.protocol.errors import AgentUnreachableError, InvalidParams, SecretsError
+from homeagent_secrets.protocol.errors import InvalidParams, SecretsError
 from homeagent_secrets.protocol.messages import (
     DescribeResult,
     Method,
@@ -259,10 +259,7 @@ class AsyncSecretsClient:
                     await waiter.event.wait()
             except TimeoutError:
                 conn.waiters.pop(id_, None)
-                raise AgentUnreachableError(
-                    f"secretsd did not answer {method.name} within {timeout:g} s; "
-                    "check `secretsctl status` and the secretsd log"
-                ) from None
+                raise connect.no_answer(method.name, timeout) from None
             reply = waiter.reply
             if reply is None:
                 with anyio.move_on_after(self.connect_timeout):
@@ -313,10 +310,7 @@ class AsyncSecretsClient:
             except TimeoutError:
                 for i in ids:
                     conn.waiters.pop(i, None)
-                raise AgentUnreachableError(
-                    f"secretsd did not answer a batch of {method.name} within {timeout:g} s; "
-                    "check `secretsctl status` and the secretsd log"
-                ) from None
+                raise connect.no_answer(f"a batch of {method.name}", timeout) from None
             if any(w.reply is None for w in waiters):
                 if conn.error is not None:
                     raise conn.error

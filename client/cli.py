@@ -78,11 +78,11 @@ def _quick_get(argv: list[str]) -> int | None:
         return None
     import json
 
-    from homeagent_secrets.protocol.errors import AgentUnreachableError, SecretsError, error_for_code
+    from homeagent_secrets.protocol.errors import SecretsError, error_for_code
     from homeagent_secrets.protocol.names import name_problem
 
     from . import reach
-    from .cli_errors import exit_code
+    from .cli_errors import exit_code, no_secret
     from .cli_output import printable, write_value
 
     name = rest[1]
@@ -108,9 +108,7 @@ def _quick_get(argv: list[str]) -> int | None:
             data = error.get("data") or {}
             raise error_for_code(int(error["code"]), str(error["message"]), data.get("reason"))
         if result is None:
-            from homeagent_secrets.protocol.errors import NotFoundError
-
-            raise NotFoundError(f"there is no secret named {name!r}; `secretsctl ls` lists the names")
+            raise no_secret(name)
         value = result["value"]
         if not isinstance(value, str):
             raise SecretsError("the agent's answer holds no value (a different version of secretsd?)")
@@ -118,8 +116,7 @@ def _quick_get(argv: list[str]) -> int | None:
         err(f"secretsctl: {printable(exc.message)}")
         return exit_code(exc)
     except TimeoutError:  # open_socket has its own message for a connect that timed out
-        late = AgentUnreachableError(f"secretsd did not answer retrieve within {reach.DEFAULT_TIMEOUT:g} s; "
-                                     "check `secretsctl status` and the secretsd log")
+        late = reach.no_answer("retrieve", reach.DEFAULT_TIMEOUT)
         err(f"secretsctl: {late.message}")
         return exit_code(late)
     except OSError as exc:

@@ -21,7 +21,7 @@ from homeagent_secrets.protocol.paths import discover_socket
 from homeagent_secrets.protocol.secret import Secret
 
 from . import cli_input as inp
-from .cli_errors import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, UsageError
+from .cli_errors import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, UsageError, no_secret
 from .cli_output import (
     err,
     iso_time,
@@ -103,8 +103,7 @@ def cmd_set(c: SecretsClient, a: argparse.Namespace) -> int:
 def cmd_get(c: SecretsClient, a: argparse.Namespace) -> int:
     result = c.retrieve(a.name, previous=a.previous)
     if result is None:
-        what = "previous value for" if a.previous else "secret named"
-        raise NotFoundError(f"there is no {what} {a.name!r}; `secretsctl ls` lists the names")
+        raise no_secret(a.name, a.previous)
     write_value(result.value.reveal(), a.raw)
     return EXIT_OK
 

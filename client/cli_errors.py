@@ -67,3 +67,9 @@ def exit_code(exc: SecretsError) -> int:
         if isinstance(exc, cls):
             return code
     return EXIT_ERROR
+
+
+def no_secret(name: str, previous: bool = False) -> NotFoundError:
+    """``get`` of an absent name (both ways of ``secretsctl get`` say it alike)."""
+    what = "previous value for" if previous else "secret named"
+    return NotFoundError(f"there is no {what} {name!r}; `secretsctl ls` lists the names")

@@ -17,6 +17,7 @@ from .reach import (
     DEFAULT_TIMEOUT,
     check_server,
     connect_error,
+    no_answer,
     open_socket,
     server_pid,
     server_uid,
@@ -27,7 +28,7 @@ from .reach import (
 
 __all__ = [  # reach.py's names too: the clients' one place to import them from
     "BATCH_MAX", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "LIST_PAGE", "as_secret", "check_server",
-    "check_size", "connect_error", "may_resend", "open_socket", "server_pid", "server_uid", "socket_path",
+    "check_size", "connect_error", "may_resend", "no_answer", "open_socket", "server_pid", "server_uid", "socket_path",
     "unreachable", "vouched_uid",
 ]
 

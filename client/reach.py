@@ -45,6 +45,14 @@ def unreachable(path: Path, why: str) -> AgentUnreachableError:
     )
 
 
+def no_answer(what: str, timeout: float) -> AgentUnreachableError:
+    """The error for a call the agent did not answer in time, the same everywhere."""
+    return AgentUnreachableError(
+        f"secretsd did not answer {what} within {timeout:g} s; "
+        "check `secretsctl status` and the secretsd log"
+    )
+
+
 def connect_error(path: Path, exc: BaseException) -> AgentUnreachableError:
     """The one-line error for a failed connect, the same in both clients."""
     if isinstance(exc, FileNotFoundError):

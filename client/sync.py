@@ -167,10 +167,7 @@ class SecretsClient:
                     ) from None
                 except TimeoutError:
                     self._drop()  # a late reply must not be taken for the next call's
-                    raise AgentUnreachableError(
-                        f"secretsd did not answer {name} within {timeout:g} s; "
-                        "check `secretsctl status` and the secretsd log"
-                    ) from None
+                    raise connect.no_answer(name, timeout) from None
                 except SecretsError:
                     self._drop()
                     raise

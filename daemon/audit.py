@@ -222,10 +222,11 @@ class AuditLog:
                 log.warning("denied %s of %s to %s", method, name or "-", peer)
         elif not self.enabled:
             return
-        event = Event(self._now(), peer.uid, peer.pid, peer.unit, method, name, outcome, code)
+        line = _encoder.encode(Event(self._now(), peer.uid, peer.pid, peer.unit, method, name, outcome,
+                                     code))
         if self._fd is not None:
             pending = self._pending
-            _encoder.encode_into(event, pending, -1)
+            pending += line
             pending += b"\n"
             if len(pending) >= PENDING_BYTES:
                 self.write_pending()
@@ -238,4 +239,4 @@ class AuditLog:
                     self._scheduled = True
                     loop.call_soon(self.write_pending)
         if self.journal and outcome != "denied":
-            log.info("%s", _encoder.encode(event).decode())
+            log.info("%s", line.decode())

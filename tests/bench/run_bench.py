@@ -380,8 +380,9 @@ def with_writer(b: Bench, sock: Path, rounds: int) -> dict[str, Any]:
 
 
 def start_agent(procs: Processes, pin: Pinning, tmp: Path, name: str, names: Sequence[str],
-                *extra: str, home_dir: Path | None = None) -> tuple[Path, subprocess.Popen[bytes]]:
-    """Another initialized secretsd holding ``names``; its socket and process."""
+                *extra: str, home_dir: Path | None = None
+                ) -> tuple[Path, subprocess.Popen[bytes], Path]:
+    """An initialized secretsd holding ``names``; its socket, process and home."""
     from homeagent_secrets.client import SecretsClient
 
     sock = tmp / f"{name}.sock"
@@ -392,7 +393,7 @@ def start_agent(procs: Processes, pin: Pinning, tmp: Path, name: str, names: Seq
         client.init(PASS)
     if names:
         pipelined_store(sock, names, "x" * 40)
-    return sock, proc
+    return sock, proc, home
 
 
 def audit_cost(b: Bench, plain: tuple[Path, int], audited: tuple[Path, int], audit_file: Path,
@@ -816,7 +817,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.retries is None:
         args.retries = 2 * args.rounds
 
-    from homeagent_secrets.client import SecretsClient
 
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="hab-", dir="/tmp"))  # short: AF_UNIX paths ≤ 107 bytes
@@ -829,12 +829,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         exe = build_loadgen(tmp)
-        echo_sock, agent_sock, home = tmp / "echo.sock", tmp / "agent.sock", tmp / "home"
+        echo_sock = tmp / "echo.sock"
         echo = procs.start(pin.server([sys.executable, str(HERE / "echo_server.py"), str(echo_sock)]),
                            echo_sock)
-        agent = procs.start(pin.server([sys.executable, "-m", "homeagent_secrets.daemon", "--home",
-                                        str(home), "--socket", str(agent_sock), "--log-level",
-                                        "WARNING"]), agent_sock)
+        names = [f"bench/provider-{i:05d}" for i in range(1000)]
+        agent_sock, agent, home = start_agent(procs, pin, tmp, "agent", names)
         clock = best_cpu_clock(agent.pid)
         report["settings"] = {"rounds": args.rounds, "seconds": secs, "warmup": warm,
                               "pin": pin.mode + {
@@ -844,10 +843,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                               }.get(pin.mode, ""),
                               "cpu_clock": clock, "quick": args.quick,
                               "max_others_cpus": args.max_others}
-        with SecretsClient(agent_sock, timeout=120) as client:
-            client.init(PASS)
-        names = [f"bench/provider-{i:05d}" for i in range(1000)]
-        pipelined_store(agent_sock, names, "x" * 40)
         reqfile = tmp / "retrieve.jsonl"
         reqfile.write_text(retrieve_lines(names))
         b = Bench(exe, reqfile, secs, warm, pin, clock)
@@ -865,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "audit" in parts:
             log("the access log's cost at 32 connections")
             audit_file = tmp / "access.jsonl"
-            a_sock, a_proc = start_agent(procs, pin, tmp, "audited", names, "--audit-log", str(audit_file))
+            a_sock, a_proc, _ = start_agent(procs, pin, tmp, "audited", names, "--audit-log", str(audit_file))
             report["audit_log_cost_32conns"] = audit_cost(
                 b, (agent_sock, agent.pid), (a_sock, a_proc.pid), audit_file, args.rounds,
                 args.max_others, args.retries)
@@ -876,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # cost (and 10,000 stores a round take half a minute on disk); no reaping.
             shm = Path(tempfile.mkdtemp(prefix="hab-", dir="/dev/shm"))
             try:
-                w_sock, w_proc = start_agent(procs, pin, tmp, "watched", [], "--idle-timeout", "600",
+                w_sock, w_proc, _ = start_agent(procs, pin, tmp, "watched", [], "--idle-timeout", "600",
                                              home_dir=shm)
                 report["writer_with_watcher_behind"] = writer_with_watcher_behind(w_sock, minor_rounds)
                 procs.stop(w_proc)
